@@ -1,0 +1,5 @@
+"""Training losses."""
+
+from .unicl_loss import UniCLLoss
+
+__all__ = ["UniCLLoss"]
