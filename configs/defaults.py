@@ -1,0 +1,162 @@
+"""Default configuration: every key of the official UniCL YACS tree, plus the keys this project adds.
+
+Official keys keep their official defaults so that the released YAML files mean what they meant there.
+Keys marked "added" do not exist in the official code.
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.VERBOSE = False
+# Base config files, relative to the file that names them.
+_C.BASE = ['']
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size per GPU (process).
+_C.DATA.BATCH_SIZE = 128
+_C.DATA.DATA_PATH = ''
+_C.DATA.DATASET = 'imagenet'
+_C.DATA.IMG_SIZE = 224
+# random, bilinear, bicubic
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.ZIP_MODE = False
+_C.DATA.CACHE_MODE = 'part'
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+# added: zero-shot validation folder (ImageFolder tree); empty means DATA_PATH/val.
+_C.DATA.VAL_PATH = ''
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.NAME = ''
+_C.MODEL.RESUME = ''
+_C.MODEL.NUM_CLASSES = 0
+_C.MODEL.LABEL_SMOOTHING = 0.1
+_C.MODEL.PRETRAINED = ''
+_C.MODEL.DIM_PROJECTION = 512
+_C.MODEL.SPEC = CN(new_allowed=True)
+# added: initial temperature as logit_scale = ln(1 / T); the official code starts at logit_scale = 1.0.
+_C.MODEL.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1 / 0.07), as CLIP
+# added: logit_scale is clamped to this after every step (ln 100, as CLIP).
+_C.MODEL.LOGIT_SCALE_MAX = 4.605170185988092
+
+_C.MODEL.IMAGE_ENCODER = CN()
+_C.MODEL.IMAGE_ENCODER.TYPE = 'swin'
+_C.MODEL.IMAGE_ENCODER.IMG_SIZE = 224
+_C.MODEL.IMAGE_ENCODER.DROP_RATE = 0.0
+_C.MODEL.IMAGE_ENCODER.DROP_PATH_RATE = 0.1
+
+_C.MODEL.IMAGE_ENCODER.SWIN = CN()
+_C.MODEL.IMAGE_ENCODER.SWIN.PATCH_SIZE = 4
+_C.MODEL.IMAGE_ENCODER.SWIN.IN_CHANS = 3
+_C.MODEL.IMAGE_ENCODER.SWIN.EMBED_DIM = 96
+_C.MODEL.IMAGE_ENCODER.SWIN.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.IMAGE_ENCODER.SWIN.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.IMAGE_ENCODER.SWIN.WINDOW_SIZE = 7
+_C.MODEL.IMAGE_ENCODER.SWIN.MLP_RATIO = 4.
+_C.MODEL.IMAGE_ENCODER.SWIN.QKV_BIAS = True
+_C.MODEL.IMAGE_ENCODER.SWIN.QK_SCALE = None
+_C.MODEL.IMAGE_ENCODER.SWIN.APE = False
+_C.MODEL.IMAGE_ENCODER.SWIN.PATCH_NORM = True
+
+_C.MODEL.IMAGE_ENCODER.FOCAL = CN()
+_C.MODEL.IMAGE_ENCODER.FOCAL.PATCH_SIZE = 4
+_C.MODEL.IMAGE_ENCODER.FOCAL.IN_CHANS = 3
+_C.MODEL.IMAGE_ENCODER.FOCAL.EMBED_DIM = 96
+_C.MODEL.IMAGE_ENCODER.FOCAL.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.IMAGE_ENCODER.FOCAL.MLP_RATIO = 4.
+_C.MODEL.IMAGE_ENCODER.FOCAL.PATCH_NORM = True
+_C.MODEL.IMAGE_ENCODER.FOCAL.FOCAL_LEVELS = [2, 2, 2, 2]
+_C.MODEL.IMAGE_ENCODER.FOCAL.FOCAL_WINDOWS = [3, 3, 3, 3]
+_C.MODEL.IMAGE_ENCODER.FOCAL.FOCAL_FACTORS = [2, 2, 2, 2]
+_C.MODEL.IMAGE_ENCODER.FOCAL.USE_CONV_EMBED = False
+_C.MODEL.IMAGE_ENCODER.FOCAL.USE_LAYERSCALE = False
+_C.MODEL.IMAGE_ENCODER.FOCAL.USE_POSTLN = False
+
+_C.MODEL.TEXT_ENCODER = CN()
+_C.MODEL.TEXT_ENCODER.NAME = 'transformer'
+_C.MODEL.TEXT_ENCODER.LOAD_PRETRAINED = False
+_C.MODEL.TEXT_ENCODER.PRETRAINED = ''
+_C.MODEL.TEXT_ENCODER.TOKENIZER = 'clip'
+# added: a hub tokenizer name (e.g. 'openai/clip-vit-base-patch32') used instead of the shipped CLIP
+# vocabulary; needs the hub to be reachable. Empty: the shipped files, offline.
+_C.MODEL.TEXT_ENCODER.PRETRAINED_TOKENIZER = ''
+_C.MODEL.TEXT_ENCODER.CONTEXT_LENGTH = 77
+_C.MODEL.TEXT_ENCODER.WIDTH = 1024
+_C.MODEL.TEXT_ENCODER.HEADS = 16
+_C.MODEL.TEXT_ENCODER.LAYERS = 12
+_C.MODEL.TEXT_ENCODER.AUTOGRESSIVE = True
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 32
+_C.TRAIN.WARMUP_EPOCHS = 5
+_C.TRAIN.WEIGHT_DECAY = 0.1
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+_C.TRAIN.CLIP_GRAD = 5.0
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 0
+_C.TRAIN.USE_CHECKPOINT = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# -----------------------------------------------------------------------------
+# Augmentation
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+# Off by default, unlike the official tree (0.8 / 1.0): the released UniCL models were trained without
+# mixup/cutmix, and mixing images would also mix their label-defined positives.
+_C.AUG.MIXUP = 0.0
+_C.AUG.CUTMIX = 0.0
+_C.AUG.CUTMIX_MINMAX = None
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = 'batch'
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+_C.TEST.CROP = True
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+_C.AMP_OPT_LEVEL = ''
+_C.OUTPUT = ''
+_C.TAG = 'default'
+_C.SAVE_FREQ = 1
+_C.PRINT_FREQ = 100
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+_C.DEBUG_MODE = False
+_C.LOCAL_RANK = 0
+
+
+def get_defaults() -> CN:
+    """A fresh copy of the defaults, safe to mutate."""
+    return _C.clone()

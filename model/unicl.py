@@ -1,0 +1,70 @@
+"""The UniCL model: image encoder + text encoder, linear projections into one space, a learnable scale."""
+from __future__ import annotations
+
+from typing import Dict, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import trunc_normal_
+
+from .image_encoder import build_image_encoder, pooled_features
+from .text_encoder import build_text_encoder, eot_features
+
+TokenBatch = Dict[str, torch.Tensor]
+
+
+class UniCLModel(nn.Module):
+    """Attribute names are the official ones, so a released `{'model': state_dict}` maps key for key
+    (after the image encoder's own layout conversion, see `utils.checkpoint`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.text_encoder = build_text_encoder(config.MODEL.TEXT_ENCODER)
+        self.image_encoder = build_image_encoder(config.MODEL.IMAGE_ENCODER)
+        dim = config.MODEL.DIM_PROJECTION
+        self.text_projection = nn.Parameter(torch.empty(self.text_encoder.dim_out, dim))
+        self.image_projection = nn.Parameter(torch.empty(self.image_encoder.num_features, dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.MODEL.LOGIT_SCALE_INIT)))
+        trunc_normal_(self.text_projection, std=.02)
+        trunc_normal_(self.image_projection, std=.02)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """`[B, 3, H, W]` -> `[B, DIM_PROJECTION]`, L2-normalized unless `normalize=False`."""
+        x = pooled_features(self.image_encoder, images) @ self.image_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: TokenBatch, normalize: bool = True) -> torch.Tensor:
+        """Tokenizer output (`input_ids` `[B, L]`, optionally `attention_mask`) -> `[B, DIM_PROJECTION]`."""
+        hidden = self.text_encoder(tokens['input_ids'], tokens.get('attention_mask'))
+        x = eot_features(hidden, tokens['input_ids']) @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, tokens: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalized image features, normalized text features, logit_scale.exp())."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Full parameter names to exclude from weight decay beyond norms and biases.
+
+        The official method prefixes the text encoder's names with `lang_encoder.`, a module that does
+        not exist, so its token and position embeddings were decayed; these names are the real ones.
+        """
+        names = {'logit_scale'}
+        names |= {f'text_encoder.{n}' for n in self.text_encoder.no_weight_decay()}
+        names |= {f'image_encoder.{n}' for n in self.image_encoder.no_weight_decay()}
+        return names
+
+
+def build_unicl_model(config) -> UniCLModel:
+    """A freshly initialized UniCL model for `config` (load weights with `utils.checkpoint`)."""
+    image_cfg = config.MODEL.IMAGE_ENCODER
+    if image_cfg.TYPE == 'swin' and config.DATA.IMG_SIZE != image_cfg.IMG_SIZE:
+        raise ValueError(f'DATA.IMG_SIZE ({config.DATA.IMG_SIZE}) and MODEL.IMAGE_ENCODER.IMG_SIZE '
+                         f'({image_cfg.IMG_SIZE}) differ; Swin is built for one input size, set both')
+    return UniCLModel(config)
