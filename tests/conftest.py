@@ -1,0 +1,59 @@
+"""Shared fixtures: the tiny config, its model and tokenizer, and small generated image folders."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs import load_config
+from model import build_tokenizer, build_unicl_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, 'configs', 'unicl_tiny.yaml')
+
+
+def tiny_config(*opts: str):
+    return load_config(TINY_CONFIG, list(opts))
+
+
+@pytest.fixture(scope='session')
+def tiny_cfg():
+    return tiny_config()
+
+
+@pytest.fixture(scope='session')
+def tokenizer(tiny_cfg):
+    return build_tokenizer(tiny_cfg.MODEL.TEXT_ENCODER)
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    torch.manual_seed(0)
+    return build_unicl_model(tiny_cfg).eval()
+
+
+COLORS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'blue': (30, 40, 220),
+          'yellow': (230, 220, 30), 'purple': (140, 30, 160), 'orange': (240, 140, 20)}
+
+
+def make_image_folder(root: str, per_class: int = 3, extra: int = 1, size: int = 72) -> str:
+    """Six colour classes of noisy solid images, `extra` more images in the first class; writes
+    classnames.txt in sorted-folder order."""
+    rng = np.random.default_rng(0)
+    names = sorted(COLORS)
+    for c, name in enumerate(names):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class + (extra if c == 0 else 0)):
+            pixels = np.clip(np.array(COLORS[name]) + rng.normal(0, 20, (size, size, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, name, f'{i}.png'))
+    with open(os.path.join(root, 'classnames.txt'), 'w') as f:
+        f.write('\n'.join(names) + '\n')
+    return root
+
+
+@pytest.fixture
+def color_folder(tmp_path):
+    return make_image_folder(str(tmp_path / 'colors'))

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from configs import ConfigError
+from model import IMAGE_ENCODERS, build_unicl_model
+from tests.conftest import tiny_config
+
+
+def test_forward_shapes_norms_and_scale(tiny_model, tokenizer):
+    tokens = tokenizer(['a red circle', 'a blue square'], padding='max_length', truncation=True,
+                       max_length=77, return_tensors='pt')
+    with torch.no_grad():
+        image_features, text_features, scale = tiny_model(torch.randn(2, 3, 64, 64), dict(tokens))
+    assert image_features.shape == text_features.shape == (2, 128)
+    assert torch.allclose(image_features.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(text_features.norm(dim=-1), torch.ones(2))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_image_feature_is_pooled_final_norm(tiny_model):
+    images = torch.randn(2, 3, 64, 64)
+    encoder = tiny_model.image_encoder
+    with torch.no_grad():
+        tokens = encoder.norm(encoder.layers(encoder.patch_embed(images)))  # [B, H, W, C] after the final norm
+        expected = tokens.mean(dim=(1, 2)) @ tiny_model.image_projection
+        got = tiny_model.encode_image(images, normalize=False)
+    assert encoder.num_features == 256
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_official_feature_widths():
+    assert build_unicl_model(tiny_config('MODEL.IMAGE_ENCODER.SWIN.EMBED_DIM', '96')).image_encoder.num_features == 768
+
+
+def test_no_weight_decay_names_real_parameters(tiny_model):
+    names = tiny_model.no_weight_decay()
+    params = dict(tiny_model.named_parameters())
+    assert names <= set(params)
+    assert {'logit_scale', 'text_encoder.token_embedding.weight', 'text_encoder.positional_embedding'} <= names
+    assert any('relative_position_bias_table' in n for n in names)
+
+
+def test_focalnet_type():
+    model = build_unicl_model(tiny_config('MODEL.IMAGE_ENCODER.TYPE', 'focalnet',
+                                          'MODEL.IMAGE_ENCODER.FOCAL.EMBED_DIM', '16',
+                                          'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', '[1, 1, 1, 1]')).eval()
+    with torch.no_grad():
+        features = model.encode_image(torch.randn(2, 3, 64, 64))
+    assert model.image_encoder.num_features == 128 and features.shape == (2, 128)
+    assert 'focalnet' in IMAGE_ENCODERS and 'swin' in IMAGE_ENCODERS
+
+
+def test_bad_model_configs():
+    with pytest.raises(ValueError, match='TYPE .*vit.*known'):
+        build_unicl_model(tiny_config('MODEL.IMAGE_ENCODER.TYPE', 'vit'))
+    with pytest.raises(ValueError, match='DATA.IMG_SIZE'):
+        build_unicl_model(tiny_config('DATA.IMG_SIZE', '96'))
+    with pytest.raises(ValueError, match='SWIN.APE'):
+        build_unicl_model(tiny_config('MODEL.IMAGE_ENCODER.SWIN.APE', 'True'))
+    with pytest.raises(ConfigError):
+        tiny_config('MODEL.TEXT_ENCODER.WIDTHS', '3')
+
+
+def test_logit_scale_init_configurable():
+    model = build_unicl_model(tiny_config('MODEL.LOGIT_SCALE_INIT', '1.0'))
+    assert model.logit_scale.exp().item() == pytest.approx(math.e)

@@ -1,0 +1,31 @@
+import json
+import os
+
+import pytest
+
+from model.tokenizer import VOCAB_SIZE
+
+REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'clip_token_ids.json')
+with open(REFERENCE) as f:
+    EXAMPLES = json.load(f)['examples']
+
+
+@pytest.mark.parametrize('example', EXAMPLES, ids=[e['text'][:30] for e in EXAMPLES])
+def test_ids_match_clip(tokenizer, example):
+    assert tokenizer(example['text'])['input_ids'] == example['ids']
+
+
+def test_vocabulary_and_special_ids(tokenizer):
+    assert len(tokenizer) == VOCAB_SIZE == 49408
+    assert tokenizer.bos_token_id == 49406 and tokenizer.eos_token_id == 49407 == tokenizer.pad_token_id
+
+
+def test_padding_and_truncation_as_official_call(tokenizer):
+    long_text = 'a photo of a very ' + 'very ' * 100 + 'long dog.'
+    tokens = tokenizer(['a photo of a cat.', long_text], padding='max_length', truncation=True,
+                       max_length=77, return_tensors='pt')
+    ids = tokens['input_ids']
+    assert ids.shape == (2, 77)
+    assert ids[0, :8].tolist() == EXAMPLES[0]['ids'] and (ids[0, 8:] == 49407).all()
+    assert ids[1, 76] == 49407  # truncation keeps the end-of-text token
+    assert ids.argmax(-1).tolist() == [7, 76]  # the feature position: the first end-of-text token

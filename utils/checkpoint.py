@@ -1,0 +1,283 @@
+"""Checkpoint files: safe loading, layout conversion (official UniCL, K-LITE/ELEVATER, ours), atomic
+writing, and export back to the official layout.
+
+Layouts accepted by `load_pretrained`:
+- a UniCL release or training file, `{'model': state_dict, ...}` with `image_encoder.*`,
+  `text_encoder.*`, `image_projection`, `text_projection`, `logit_scale` (official Swin naming);
+- a bare state dict with those keys (ours use timm's Swin naming; both convert);
+- the K-LITE/ELEVATER layout: `visual.*`, `text.*`, `vision_projection`;
+- any of the above under a DDP `module.` prefix.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import types
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from model.image_encoder import get_image_encoder_entry
+
+StateDict = Dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'unicl')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as asked, with the reason."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading files safely
+# ----------------------------------------------------------------------------------------------------
+def _allowed_global(module: str, name: str) -> bool:
+    # What official training checkpoints hold besides plain containers: tensors, storages, dtypes,
+    # OrderedDict, set, and the yacs CfgNode of their `config` entry.
+    if module in ('collections', 'builtins', '__builtin__'):
+        return name in ('OrderedDict', 'set', 'frozenset')
+    if module == 'yacs.config':
+        return name == 'CfgNode'
+    if module == 'torch._utils':
+        return name in ('_rebuild_tensor_v2', '_rebuild_parameter')
+    if module == 'torch':
+        return name.endswith('Storage') or isinstance(getattr(torch, name, None), torch.dtype)
+    return False
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if _allowed_global(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'{module}.{name} is not on the allow-list')
+
+
+# torch.load takes a "pickle module"; this one only differs in the Unpickler it hands out.
+_allow_list_pickle = types.SimpleNamespace(Unpickler=_AllowListUnpickler, load=pickle.load,
+                                           __name__='unicl_allow_list_pickle')
+
+
+def safe_load(path: str) -> Any:
+    """`torch.load` that never runs code from the file.
+
+    `weights_only=True` first. It refuses yacs' `CfgNode` (a dict subclass) that official training
+    checkpoints keep under `config`, so those go through an unpickler that admits only tensors,
+    storages, dtypes, OrderedDict/set and CfgNode; anything else is refused with its name.
+    """
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_allow_list_pickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f'{path}: refused to unpickle ({e}); a checkpoint may hold tensors, plain containers and a '
+            f'yacs CfgNode only. Re-save just the weights, torch.save({{"model": state_dict}}, path), '
+            f'where you trust the file.') from None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_source(source: str, cache_dir: str = DEFAULT_CACHE, sha256: Optional[str] = None) -> str:
+    """A local path for `source`: the path itself, or an http(s) URL downloaded once into `cache_dir`.
+
+    With `sha256` the file is verified (a cached file that does not match is downloaded again).
+    """
+    if urllib.parse.urlparse(source).scheme in ('http', 'https'):
+        path = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(source).path) or 'checkpoint.pth')
+        if not os.path.isfile(path) or (sha256 and _sha256(path) != sha256):
+            os.makedirs(cache_dir, exist_ok=True)
+            logger.info(f'downloading {source} to {path}')
+            with urllib.request.urlopen(source) as response:
+                write_atomic(path, lambda f: shutil.copyfileobj(response, f))
+    else:
+        path = source
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {source}')
+    if sha256 and _sha256(path) != sha256:
+        raise CheckpointError(f'{path}: sha256 is {_sha256(path)}, expected {sha256}')
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing files atomically
+# ----------------------------------------------------------------------------------------------------
+def write_atomic(path: str, write) -> None:
+    """Write through `write(file)` into a temp file beside `path`, fsync, then rename over `path`.
+
+    A reader (or a resumed run after SIGKILL) sees the old file or the new one, never half of one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """`torch.save(obj, path)`, atomically (see `write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------
+_KLITE_PREFIXES = (('visual.', 'image_encoder.'), ('text.', 'text_encoder.'),
+                   ('vision_projection', 'image_projection'))
+
+
+def extract_state_dict(obj: Any, source: str = 'checkpoint') -> StateDict:
+    """The model state dict inside a loaded file: `obj['model']`, `obj['state_dict']`, or `obj` itself."""
+    for key in ('model', 'state_dict'):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f'{source}: no state dict found (expected {{"model": state_dict}} or a state dict)')
+    return dict(obj)
+
+
+def to_unicl_names(state_dict: StateDict) -> StateDict:
+    """Strip a DDP `module.` prefix and map K-LITE/ELEVATER names onto UniCL's."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key[len('module.'):] if key.startswith('module.') else key
+        for old, new in _KLITE_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def _split(state_dict: StateDict, prefix: str) -> Tuple[StateDict, StateDict]:
+    inside = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    outside = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    return inside, outside
+
+
+def to_model_layout(state_dict: StateDict, model: nn.Module, image_type: str) -> StateDict:
+    """Any accepted layout -> the keys and shapes of `model` (a `UniCLModel`)."""
+    state_dict = to_unicl_names(state_dict)
+    image_sd, rest = _split(state_dict, 'image_encoder.')
+    if image_sd:
+        image_sd = get_image_encoder_entry(image_type).from_official(image_sd, model.image_encoder)
+    rest.update({'image_encoder.' + k: v for k, v in image_sd.items()})
+    return rest
+
+
+def to_official_layout(state_dict: StateDict, model: nn.Module, image_type: str) -> StateDict:
+    """`model.state_dict()` -> the layout the official UniCL code loads."""
+    entry = get_image_encoder_entry(image_type)
+    if entry.to_official is None:
+        raise CheckpointError(f'no official layout is known for MODEL.IMAGE_ENCODER.TYPE {image_type!r}')
+    image_sd, rest = _split(state_dict, 'image_encoder.')
+    rest.update({'image_encoder.' + k: v for k, v in entry.to_official(image_sd, model.image_encoder).items()})
+    return rest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading into a model
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    source: str
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+
+
+def _shape_mismatches(state_dict: StateDict, model_sd: StateDict) -> List[str]:
+    return [f'{k}: {tuple(v.shape)} in the file, {tuple(model_sd[k].shape)} in the model'
+            for k, v in state_dict.items() if k in model_sd and v.shape != model_sd[k].shape]
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: StateDict, source: str, strict: bool) -> LoadReport:
+    """Load `state_dict` (already in `model`'s layout) and report missing and unexpected keys.
+
+    A shape mismatch is always an error (a Swin-B file with a Swin-T config, say) and names the first
+    mismatched keys; with `strict`, so is a missing key, since it would leave random weights behind.
+    """
+    model_sd = model.state_dict()
+    mismatched = _shape_mismatches(state_dict, model_sd)
+    if mismatched:
+        raise CheckpointError(f'{source} does not fit this model ({len(mismatched)} shapes differ; '
+                              f'check the config): ' + '; '.join(mismatched[:3]))
+    report = LoadReport(source,
+                        missing=sorted(set(model_sd) - set(state_dict)),
+                        unexpected=sorted(set(state_dict) - set(model_sd)))
+    if strict and report.missing:
+        raise CheckpointError(f'{source} lacks {len(report.missing)} weights of this model: '
+                              + ', '.join(report.missing[:5]))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in model_sd}, strict=False)
+    for kind, keys in (('missing', report.missing), ('unexpected', report.unexpected)):
+        if keys:
+            logger.warning(f'{source}: {len(keys)} {kind} keys: {", ".join(keys[:10])}'
+                           + (' ...' if len(keys) > 10 else ''))
+    return report
+
+
+def load_pretrained(model: nn.Module, source: str, image_type: str, strict: bool = True,
+                    sha256: Optional[str] = None, cache_dir: str = DEFAULT_CACHE) -> LoadReport:
+    """Load model weights from a path or URL in any accepted layout into `model` (a `UniCLModel`)."""
+    path = resolve_source(source, cache_dir=cache_dir, sha256=sha256)
+    state_dict = extract_state_dict(safe_load(path), source)
+    return load_state_dict_checked(model, to_model_layout(state_dict, model, image_type), source, strict)
+
+
+def export_official(model: nn.Module, image_type: str, path: str) -> None:
+    """Write `model` as `{'model': state_dict}` in the official layout, which the official code loads."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({'model': OrderedDict(to_official_layout(state_dict, model, image_type))}, path)
+
+
+def _export_main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog='python -m utils.checkpoint',
+        description='Export a checkpoint of this project to the official UniCL layout ({"model": state_dict}).')
+    parser.add_argument('--cfg', required=True, help='config the checkpoint was trained with')
+    parser.add_argument('--checkpoint', required=True, help='path or URL of the checkpoint to convert')
+    parser.add_argument('--output', required=True, help='file to write')
+    parser.add_argument('--opts', nargs='+', default=None, help='config overrides, KEY VALUE pairs')
+    args = parser.parse_args(argv)
+    from configs import load_config
+    from model import build_unicl_model
+    config = load_config(args.cfg, args.opts)
+    model = build_unicl_model(config)
+    load_pretrained(model, args.checkpoint, config.MODEL.IMAGE_ENCODER.TYPE)
+    export_official(model, config.MODEL.IMAGE_ENCODER.TYPE, args.output)
+    print(f'wrote {args.output}')
+
+
+if __name__ == '__main__':
+    _export_main()
