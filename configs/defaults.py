@@ -106,6 +106,12 @@ _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0
 _C.TRAIN.USE_CHECKPOINT = False
+# added: also checkpoint every N optimizer steps (0: only at epoch ends, every SAVE_FREQ epochs).
+_C.TRAIN.SAVE_STEPS = 0
+# added: how many of the newest checkpoints to keep in OUTPUT (0 keeps all).
+_C.TRAIN.KEEP_CHECKPOINTS = 3
+# added: on a non-finite loss, 'stop' the run (the last checkpoint stays good) or 'skip' the step.
+_C.TRAIN.NAN_POLICY = 'stop'
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import types
@@ -259,6 +260,43 @@ def export_official(model: nn.Module, image_type: str, path: str) -> None:
     """Write `model` as `{'model': state_dict}` in the official layout, which the official code loads."""
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({'model': OrderedDict(to_official_layout(state_dict, model, image_type))}, path)
+
+
+class CheckpointManager:
+    """Training checkpoints in one folder, `checkpoint_<step>.pth`, the newest `keep` of them kept.
+
+    Files are written atomically, so every listed file is whole; `load_latest` still falls back to an
+    older file if the newest cannot be read (a disk that lost data, a file copied in by hand).
+    """
+
+    _NAME = re.compile(r'^checkpoint_(\d+)\.pth$')
+
+    def __init__(self, directory: str, keep: int = 3):
+        self.directory = directory
+        self.keep = keep
+
+    def checkpoints(self) -> List[str]:
+        """Paths of the checkpoints present, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = [(int(m.group(1)), name) for name in os.listdir(self.directory) if (m := self._NAME.match(name))]
+        return [os.path.join(self.directory, name) for _, name in sorted(found)]
+
+    def save(self, state: Dict[str, Any], step: int) -> str:
+        path = os.path.join(self.directory, f'checkpoint_{step:09d}.pth')
+        save_atomic(state, path)
+        for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
+            os.unlink(old)
+        return path
+
+    def load_latest(self) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """(path, state) of the newest readable checkpoint, or (None, None)."""
+        for path in reversed(self.checkpoints()):
+            try:
+                return path, safe_load(path)
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+                logger.warning(f'cannot read {path} ({e}); trying an older checkpoint')
+        return None, None
 
 
 def _export_main(argv: Optional[List[str]] = None) -> None:
