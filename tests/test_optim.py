@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from utils.optim import build_optimizer, build_scheduler, parameter_groups, scaled_learning_rates
+
+
+def test_no_decay_on_norms_biases_embeddings_and_scale(tiny_model):
+    decay, no_decay = parameter_groups(tiny_model, 0.05)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay['params']}
+    decay_names = {names[id(p)] for p in decay['params']}
+    assert {'logit_scale', 'text_encoder.token_embedding.weight', 'text_encoder.positional_embedding',
+            'text_encoder.ln_final.weight', 'text_encoder.resblocks.0.attn.in_proj_bias',
+            'image_encoder.norm.weight', 'image_encoder.layers.0.blocks.0.attn.relative_position_bias_table'
+            } <= no_decay_names
+    assert {'text_encoder.resblocks.0.attn.in_proj_weight', 'image_projection', 'text_projection',
+            'image_encoder.patch_embed.proj.weight'} <= decay_names
+    assert (decay['weight_decay'], no_decay['weight_decay']) == (0.05, 0.0)
+    assert len(decay_names) + len(no_decay_names) == len(list(tiny_model.parameters()))
+
+
+def test_lr_scaled_by_global_batch():
+    config = tiny_config('DATA.BATCH_SIZE', '64', 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.BASE_LR', '5e-4')
+    lrs = scaled_learning_rates(config, world_size=4)
+    assert lrs.base == pytest.approx(5e-4 * 64 * 4 * 2 / 512)
+    assert lrs.minimum == pytest.approx(config.TRAIN.MIN_LR * 1.0)
+
+
+def test_warmup_then_cosine_per_step(tiny_model):
+    config = tiny_config('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2', 'TRAIN.BASE_LR', '1e-3',
+                         'TRAIN.WARMUP_LR', '1e-6', 'TRAIN.MIN_LR', '1e-5', 'DATA.BATCH_SIZE', '512')
+    lrs = scaled_learning_rates(config, 1)
+    optimizer = build_optimizer(config, tiny_model, lrs.base)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults['betas'] == (0.9, 0.999)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=10, lrs=lrs)
+    seen = []
+    for step in range(100):
+        scheduler.step_update(step)
+        seen.append(optimizer.param_groups[0]['lr'])
+    assert seen[0] == pytest.approx(1e-6)
+    assert all(a < b for a, b in zip(seen[:19], seen[1:20]))  # linear warmup rises every step
+    assert seen[19] == pytest.approx(1e-6 + 19 / 20 * (1e-3 - 1e-6))
+    # the cosine counts from step 0, as the official schedule (timm without warmup_prefix)
+    assert seen[20] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 20 / 100)))
+    assert all(a >= b for a, b in zip(seen[20:], seen[21:]))  # then cosine decays every step
+    assert seen[-1] == pytest.approx(1e-5, rel=0.05)
