@@ -27,6 +27,18 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 # added: zero-shot validation folder (ImageFolder tree); empty means DATA_PATH/val.
 _C.DATA.VAL_PATH = ''
+# added: training sources, a list of mappings {TYPE, PATH[, NAME, WEIGHT, CLASSNAMES, NUM_SAMPLES]}
+# (TYPE: imagefolder, zip, tsv, csv, webdataset; relative PATHs are under DATA_PATH; see data/specs.py).
+# Empty: the one source DATASET + DATA_PATH, as the official code.
+_C.DATA.SOURCES = []
+# added: samples per epoch over all processes (mixed and endless sources need one); 0: the sources' sizes summed.
+_C.DATA.EPOCH_SAMPLES = 0
+# added: give identical captions (ignoring case and spacing) one shared label; off: every caption is unique.
+_C.DATA.MERGE_CAPTIONS = False
+# added: samples shuffled together within a webdataset shard, per loader worker (memory: that many samples).
+_C.DATA.SHUFFLE_BUFFER = 1000
+# added: bad samples (unreadable, corrupt, empty caption, ...) each process logs with their path; all are counted.
+_C.DATA.LOG_BAD_SAMPLES = 10
 
 # -----------------------------------------------------------------------------
 # Model
