@@ -1,0 +1,56 @@
+"""`build_train_loader`: the one entry point training needs."""
+from __future__ import annotations
+
+import logging
+from typing import Any, List
+
+import torch
+
+from .classnames import training_templates
+from .loader import LoaderSetup, TrainLoader
+from .sources import Source, build_source
+from .specs import source_specs
+from .transforms import build_train_transform
+
+logger = logging.getLogger(__name__)
+
+
+def _weights(sources: List[Source]) -> List[float]:
+    """The configured WEIGHTs, or else the sources' sizes (as if they were concatenated)."""
+    if all(s.spec.weight is not None for s in sources):
+        return [float(s.spec.weight) for s in sources]
+    unknown = [s.name for s in sources if s.num_samples is None]
+    if unknown:
+        raise ValueError(f'sources {unknown} do not know their size: give them NUM_SAMPLES, or give every '
+                         f'source a WEIGHT (and set DATA.EPOCH_SAMPLES)')
+    return [float(s.num_samples) for s in sources]
+
+
+def _epoch_samples(config, sources: List[Source]) -> int:
+    if config.DATA.EPOCH_SAMPLES:
+        return config.DATA.EPOCH_SAMPLES
+    unknown = [s.name for s in sources if s.num_samples is None]
+    if unknown:
+        raise ValueError(f'sources {unknown} do not know their size: set DATA.EPOCH_SAMPLES (or their NUM_SAMPLES)')
+    return sum(s.num_samples for s in sources)
+
+
+def build_train_loader(config, tokenizer: Any, rank: int, world_size: int) -> TrainLoader:
+    """This rank's training loader over the sources of `config.DATA` (see data/specs.py), with
+    DATA.BATCH_SIZE samples per batch and DATA.EPOCH_SAMPLES // (BATCH_SIZE * world_size) batches per
+    epoch. `tokenizer` is called per batch as the official code does (padding to CONTEXT_LENGTH)."""
+    sources = [build_source(spec) for spec in source_specs(config)]
+    global_batch = config.DATA.BATCH_SIZE * world_size
+    epoch_samples = _epoch_samples(config, sources)
+    steps = epoch_samples // global_batch
+    if steps == 0:
+        raise ValueError(f'an epoch of {epoch_samples} samples is less than one global batch of {global_batch} '
+                         f'(DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x {world_size} processes)')
+    setup = LoaderSetup(
+        sources, _weights(sources), build_train_transform(config), tokenizer,
+        config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH, training_templates(), config.DATA.BATCH_SIZE, steps,
+        rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS)
+    loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+                         log_bad_samples=config.DATA.LOG_BAD_SAMPLES)
+    logger.info('training data:\n' + loader.describe())
+    return loader

@@ -1,0 +1,140 @@
+"""Image-text pairs in webdataset tar shards, as img2dataset writes them: `KEY.jpg|jpeg|png|webp` +
+`KEY.txt` (+ `KEY.json`, ignored), optionally `SHARD_stats.json` beside each shard."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from typing import Callable, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+from braceexpand import braceexpand
+
+from .base import (BROKEN_SHARD, MISSING, NO_IMAGE, BadSample, Record, SourceSpec, StreamPosition,
+                   StreamSource, register_source)
+
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
+
+
+def expand_shards(pattern: str) -> List[str]:
+    """A directory (its *.tar, sorted), or brace patterns joined by '::' (webdataset's convention),
+    e.g. 'cc3m/{00000..00331}.tar::cc12m/{00000..01242}.tar'."""
+    if os.path.isdir(pattern):
+        return sorted(glob.glob(os.path.join(pattern, '*.tar')))
+    return [url for part in pattern.split('::') if part for url in braceexpand(part)]
+
+
+def _is_local(url: str) -> bool:
+    return '://' not in url and not url.startswith('pipe:')
+
+
+def _stats_successes(shards: List[str]) -> Optional[int]:
+    """img2dataset's per-shard `_stats.json` sample counts, when every shard has one."""
+    total = 0
+    for shard in shards:
+        stats = os.path.splitext(shard)[0] + '_stats.json'
+        if not (_is_local(shard) and os.path.isfile(stats)):
+            return None
+        with open(stats, encoding='utf-8') as f:
+            total += int(json.load(f)['successes'])
+    return total
+
+
+@register_source('webdataset')
+class WebDatasetSource(StreamSource):
+    """Shards are dealt out to the slots (rank x worker) after one seeded shuffle, so slots read disjoint
+    data; with fewer shards than slots, the slots sharing a shard take every k-th sample of it. A slot
+    cycles through its shards endlessly, in a new order each pass, and shuffles each shard through a
+    buffer that empties at the shard's end, so a position (pass, shard, samples emitted) can be
+    replayed exactly by re-reading only that one shard."""
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.shards = expand_shards(spec.path)
+        if not self.shards:
+            raise ValueError(f'data source {spec.name!r}: no shards match {spec.path}')
+        local = [s for s in self.shards if _is_local(s)]
+        if local and len(local) == len(self.shards) and not any(os.path.isfile(s) for s in local):
+            raise ValueError(f'data source {spec.name!r}: none of the {len(local)} shards of {spec.path} exists')
+        self.shuffle_buffer = max(1, spec.shuffle_buffer)
+        self._num_samples = spec.num_samples if spec.num_samples is not None else _stats_successes(self.shards)
+
+    @property
+    def num_samples(self) -> Optional[int]:
+        return self._num_samples
+
+    def _assignment(self, slot: int, num_slots: int, seed: int) -> Tuple[List[str], int, int]:
+        """(this slot's shards, k, r): the slot keeps the samples whose index in a shard is r mod k."""
+        shuffled = [self.shards[i] for i in np.random.default_rng([seed]).permutation(len(self.shards))]
+        if len(shuffled) >= num_slots:
+            return shuffled[slot::num_slots], 1, 0
+        shard = slot % len(shuffled)
+        return [shuffled[shard]], len(range(shard, num_slots, len(shuffled))), slot // len(shuffled)
+
+    def iterate(self, slot: int, num_slots: int, seed: int,
+                position: StreamPosition) -> Iterator[Tuple[Union[Record, BadSample], StreamPosition]]:
+        shards, modulus, remainder = self._assignment(slot, num_slots, seed)
+        pass_, start, emitted = position
+        while True:
+            order = np.random.default_rng([seed, slot, pass_]).permutation(len(shards))
+            whole_pass, records = start == 0 and emitted == 0, 0
+            for i in range(start, len(shards)):
+                rng = random.Random(f'{seed}/{slot}/{pass_}/{i}')
+                items = self._shard_items(shards[order[i]], modulus, remainder, rng)
+                for n, item in enumerate(items, 1):
+                    if n > emitted:
+                        records += isinstance(item, Record)
+                        yield item, [pass_, i, n]
+                emitted = 0
+            if whole_pass and records == 0:
+                raise RuntimeError(f'data source {self.name!r}: a full pass over {len(shards)} shard(s) of '
+                                   f'{self.spec.path} gave no sample with an image')
+            pass_, start = pass_ + 1, 0
+
+    def _shard_items(self, url: str, modulus: int, remainder: int,
+                     rng: random.Random) -> Iterator[Union[Record, BadSample]]:
+        import webdataset  # imported here: it takes seconds to import and most runs do not need it
+
+        errors: List[Exception] = []
+        samples = webdataset.tarfile_samples([{'url': url}], handler=_collect(errors))
+        buffer: List[Union[Record, BadSample]] = []
+        for index, sample in enumerate(samples):
+            yield from self._errors(url, errors, remainder)
+            if index % modulus != remainder:
+                continue
+            item = self._record(sample)
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], item = item, buffer[j]
+            yield item
+        yield from self._errors(url, errors, remainder)
+        rng.shuffle(buffer)
+        yield from buffer
+
+    @staticmethod
+    def _errors(url: str, errors: List[Exception], remainder: int) -> Iterator[BadSample]:
+        # Slots sharing a shard all see its errors; only the first reports them, so each counts once.
+        for exc in errors:
+            if remainder == 0:
+                reason = MISSING if isinstance(exc, FileNotFoundError) else BROKEN_SHARD
+                yield BadSample(reason, url, f'{type(exc).__name__}: {exc}')
+        errors.clear()
+
+    @staticmethod
+    def _record(sample: dict) -> Union[Record, BadSample]:
+        where = f"{sample.get('__url__')}#{sample.get('__key__')}"
+        image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image is None:
+            return BadSample(NO_IMAGE, where)
+        text = sample.get('txt')
+        return Record(image, where, caption=text.decode('utf-8', errors='replace') if text else '')
+
+
+def _collect(errors: List[Exception]) -> Callable[[Exception], bool]:
+    def handler(exc: Exception) -> bool:
+        errors.append(exc)
+        return True  # go on with the next member or shard
+    return handler
