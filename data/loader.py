@@ -56,7 +56,7 @@ class LoaderSetup:
         self.num_workers = num_workers
         self.slots_per_rank = max(num_workers, 1)  # stream slots: one per worker (the main process if 0)
         self.weights = [w / sum(weights) for w in weights]
-        self.plan = MixingPlan(weights, batch_size, seed)
+        self.plan = MixingPlan(weights, batch_size)
         self.labels = LabelSpace(sources, world_size, batch_size, merge_captions)
         # Per-source seeds so that two sources of equal size are not read in the same order.
         self.source_seeds = [derive_seed(seed, i, 0x736f75) for i in range(len(sources))]

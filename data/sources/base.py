@@ -111,7 +111,7 @@ def build_source(spec: SourceSpec) -> Source:
         raise ValueError(f'data source {spec.name!r}: unknown TYPE {spec.type!r}; known: {sorted(SOURCE_TYPES)}')
     source = SOURCE_TYPES[spec.type](spec)
     if source.num_samples == 0:
-        raise ValueError(f'data source {source.describe()} has no samples')
+        raise ValueError(f'data source {spec.name!r} has no samples: {source.describe()}')
     return source
 
 

@@ -120,7 +120,8 @@ class WebDatasetSource(StreamSource):
         for exc in errors:
             if remainder == 0:
                 reason = MISSING if isinstance(exc, FileNotFoundError) else BROKEN_SHARD
-                yield BadSample(reason, url, f'{type(exc).__name__}: {exc}')
+                # webdataset appends the stream and url to the exception's args; the message comes first
+                yield BadSample(reason, url, f'{type(exc).__name__}: {exc.args[0] if exc.args else exc}')
         errors.clear()
 
     @staticmethod
