@@ -267,8 +267,11 @@ class TrainLoader:
         self._skipped_total = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_total', {}).items()})
         self._skipped_epoch = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_epoch', {}).items()})
         saved = state.get('stream_positions', {}).get(str(self.setup.rank), {})
+        # Stream positions are only meaningful for the same split of shards into slots.
+        same_slots = {k: (state.get('layout') or {}).get(k) for k in ('world_size', 'num_workers')} == {
+            k: layout[k] for k in ('world_size', 'num_workers')}
         for name, slots in self._positions.items():
-            if len(saved.get(name) or []) == len(slots):
+            if same_slots and len(saved.get(name) or []) == len(slots):
                 self._positions[name] = [list(p) if p is not None else None for p in saved[name]]
             else:
                 self._positions[name] = [None] * len(slots)

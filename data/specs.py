@@ -23,13 +23,16 @@ DATASET_TYPES: Dict[str, Callable[[Any], str]] = {
 
 
 def _resolve_path(path: str, data_path: str) -> str:
+    """Relative local paths are under DATA_PATH; each part of a '::'-joined shard list on its own."""
     if not path:
         return os.path.expanduser(data_path)
-    path = os.path.expanduser(str(path))
-    local = '://' not in path and not path.startswith('pipe:')
-    if local and data_path and not os.path.isabs(path):
-        return os.path.join(os.path.expanduser(data_path), path)
-    return path
+    parts = []
+    for part in str(path).split('::'):
+        part = os.path.expanduser(part)
+        local = '://' not in part and not part.startswith('pipe:')
+        parts.append(os.path.join(os.path.expanduser(data_path), part)
+                     if local and data_path and not os.path.isabs(part) else part)
+    return '::'.join(parts)
 
 
 def _entries(data) -> List[Mapping[str, Any]]:

@@ -55,3 +55,15 @@ def test_map_sources_do_not_depend_on_worker_count(tiny_data, tokenizer):
     batches = [epoch_batches(loader_for(data_config(tiny_data, [LABELS], batch_size=4, num_workers=n), tokenizer))
                for n in (0, 2)]
     assert same_batches(*batches)
+
+
+def test_batch_stream_pickles(tiny_data, tokenizer):
+    """Workers started by spawn or forkserver (Python 3.14's default) receive the dataset pickled."""
+    import pickle
+
+    from data.loader import BatchStream
+    loader = loader_for(data_config(tiny_data, [LABELS, SHARDS, {'TYPE': 'zip', 'PATH': 'labels', 'NAME': 'z'}],
+                                    batch_size=4), tokenizer)
+    stream = BatchStream(loader.setup, 0, 1, {'shards': [None]})
+    copy = pickle.loads(pickle.dumps(stream))
+    assert same_batches([next(iter(copy))], [next(iter(stream))])

@@ -143,6 +143,8 @@ def test_source_specs_from_config(tiny_data):
     specs = source_specs(data_config(tiny_data, [dict(LABELS, NAME=''), dict(LABELS, NAME=''), TABLE]))
     assert [s.name for s in specs] == ['imagefolder', 'imagefolder#1', 'table']
     assert specs[0].path == os.path.join(tiny_data, 'labels')
+    (multi,) = source_specs(data_config(tiny_data, [dict(SHARDS, PATH='a/{0..1}.tar::/b.tar::pipe:cat c.tar')]))
+    assert multi.path == f'{tiny_data}/a/{{0..1}}.tar::/b.tar::pipe:cat c.tar'
     with pytest.raises(ValueError, match=r'DATA.SOURCES\[0\]: unknown key'):
         source_specs(data_config(tiny_data, [dict(LABELS, WEIHGT=1)]))
     with pytest.raises(ValueError, match='TYPE'):
