@@ -118,7 +118,7 @@ class BatchStream(IterableDataset):
         return torch.stack(images), tokens, torch.tensor(labels, dtype=torch.int64), info
 
     def _use(self, i: int, record: Record, global_step: int, slot: int, rng: random.Random):
-        """(image, text, label, where) of a record, or BadSample."""
+        """(image, text, label, where) of a record; raises BadSample when it cannot be used."""
         setup, source = self.setup, self.setup.sources[i]
         if source.is_labeled:
             image = decode_image(record)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
