@@ -94,10 +94,11 @@ class WebDatasetSource(StreamSource):
 
     def _shard_items(self, url: str, modulus: int, remainder: int,
                      rng: random.Random) -> Iterator[Union[Record, BadSample]]:
-        import webdataset  # imported here: it takes seconds to import and most runs do not need it
+        # Imported here: it takes seconds to import, and runs without shards do not need it.
+        from webdataset.tariterators import tarfile_samples
 
         errors: List[Exception] = []
-        samples = webdataset.tarfile_samples([{'url': url}], handler=_collect(errors))
+        samples = tarfile_samples([{'url': url}], handler=_collect(errors))
         buffer: List[Union[Record, BadSample]] = []
         for index, sample in enumerate(samples):
             yield from self._errors(url, errors, remainder)
