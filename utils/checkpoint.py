@@ -285,9 +285,16 @@ class CheckpointManager:
     def save(self, state: Dict[str, Any], step: int) -> str:
         path = os.path.join(self.directory, f'checkpoint_{step:09d}.pth')
         save_atomic(state, path)
+        self._remove_stale_temp_files()
         for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
             os.unlink(old)
         return path
+
+    def _remove_stale_temp_files(self) -> None:
+        # A run killed while writing leaves its temp file; the one writer (rank 0) has just finished its own.
+        for name in os.listdir(self.directory):
+            if name.startswith('.checkpoint_') and name.endswith('.tmp'):
+                os.unlink(os.path.join(self.directory, name))
 
     def load_latest(self) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(path, state) of the newest readable checkpoint, or (None, None)."""

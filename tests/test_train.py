@@ -1,0 +1,193 @@
+"""Training (main.py): the loss goes down, 2 gloo processes step like one, checkpoints resume the run
+exactly, SIGKILL loses at most the steps since the last save, SIGTERM saves, NaN stops or skips."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import main
+from tests.conftest import ROOT, TINY_CONFIG
+from tests.test_data_fixtures import tiny_data  # noqa: F401  (session fixture: the built-in data, tiny)
+from utils.checkpoint import CheckpointManager, safe_load
+
+# A fast, learnable setting: 32-px images, no random augmentation, 8 steps of 8 samples per epoch.
+FAST = ['DATA.IMG_SIZE', '32', 'MODEL.IMAGE_ENCODER.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '8',
+        'DATA.NUM_WORKERS', '0', 'DATA.EPOCH_SAMPLES', '64', 'AUG.AUTO_AUGMENT', 'none', 'AUG.REPROB', '0.0',
+        'AUG.COLOR_JITTER', '0.0', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.BASE_LR', '0.02', 'PRINT_FREQ', '4']
+SOURCES = ("[{'TYPE': 'imagefolder', 'PATH': 'labels', 'NAME': 'shapes'}, "
+           "{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv', 'NAME': 'table'}]")
+
+
+def _args(data, out, *opts, flags=()):
+    return ['--cfg', TINY_CONFIG, '--data-path', data, '--output', out, *flags,
+            '--opts', *FAST, 'DATA.SOURCES', SOURCES, *opts]
+
+
+def _trainer(data, out, *opts, rank=0, world_size=1):
+    config = main.build_run_config(main.parse_option(_args(data, out, *opts)))
+    torch.manual_seed(0)
+    return main.Trainer(config, rank, world_size, torch.device('cpu'))
+
+
+def _run_dir(out):
+    return os.path.join(out, 'unicl_tiny', 'default')
+
+
+def test_a_few_steps_lower_the_loss(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, str(tmp_path))
+    trainer.build_training()
+    batch = next(iter(trainer.loader))
+
+    def loss_on(batch):
+        trainer.model.eval()
+        with torch.no_grad():
+            features = trainer.model(batch[0], batch[1])
+            return trainer.criterion(*features[:2], batch[2], features[2]).item()
+
+    before = loss_on(batch)
+    trainer.model.train()
+    for _ in range(12):
+        loss, grad_norm = trainer.optimizer_step([batch])
+        assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
+    assert loss_on(batch) < before - 0.3
+
+
+def _ddp_step(rank, world_size, data, out, init_file, result_file):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    trainer = _trainer(data, out, 'TRAIN.OPTIMIZER.NAME', 'sgd', 'DATA.BATCH_SIZE', '4',
+                       rank=rank, world_size=world_size)
+    trainer.build_optimization(steps_per_epoch=10)
+    images, tokens, labels = torch.load(os.path.join(out, 'global_batch.pt'))
+    own = slice(rank * 4, rank * 4 + 4)
+    trainer.optimizer_step([(images[own], {k: v[own] for k, v in tokens.items()}, labels[own])])
+    torch.save(trainer.model.state_dict(), result_file.format(rank))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_path):
+    out = str(tmp_path)
+    single = _trainer(tiny_data, out, 'TRAIN.OPTIMIZER.NAME', 'sgd')  # batch 8 = 2 ranks x 4
+    single.build_training()
+    images, tokens, labels = next(iter(single.loader))
+    labels[5] = labels[1]  # a positive pair that spans the two ranks
+    torch.save((images, tokens, labels), os.path.join(out, 'global_batch.pt'))
+    single.build_optimization(steps_per_epoch=10)
+    single.optimizer_step([(images, tokens, labels)])
+    result = os.path.join(out, 'rank{}.pt')
+    mp.spawn(_ddp_step, args=(2, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
+    rank0, rank1 = torch.load(result.format(0)), torch.load(result.format(1))
+    reference = single.model.state_dict()
+    torch.manual_seed(0)  # as every trainer here
+    initial = main.build_unicl_model(single.config).state_dict()
+    moved = 0
+    for key, value in reference.items():
+        assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas bit-identical
+        assert torch.allclose(rank0[key], value, atol=2e-6, rtol=1e-5), key
+        moved += not torch.equal(value, initial[key])
+    assert moved > len(reference) // 2  # the step really changed the weights
+
+
+def _train(data, out, *opts, flags=()):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *_args(data, out, *opts, flags=flags)],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    code, log = _finish(_train(tiny_data, straight, 'TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '5'))
+    assert code == 0, log
+    midway = os.path.join(_run_dir(straight), 'checkpoint_000000010.pth')  # epoch 1, 2 steps in
+    code, log = _finish(_train(tiny_data, resumed, 'TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '5',
+                               flags=['--resume', midway]))
+    assert code == 0, log
+    assert 'resuming from' in log and 'next step 11' in log
+    final_straight = safe_load(CheckpointManager(_run_dir(straight)).checkpoints()[-1])
+    final_resumed = safe_load(CheckpointManager(_run_dir(resumed)).checkpoints()[-1])
+    assert final_straight['progress'] == final_resumed['progress'] and final_resumed['progress']['step'] == 16
+    for key, value in final_straight['model'].items():
+        assert torch.allclose(value, final_resumed['model'][key], atol=1e-6), key
+
+
+def test_sigkill_then_auto_resume(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    manager = CheckpointManager(_run_dir(out))
+    process = _train(tiny_data, out, 'TRAIN.EPOCHS', '3', 'TRAIN.SAVE_STEPS', '2')
+    deadline = time.time() + 240
+    while len(manager.checkpoints()) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    _finish(process)
+    saved = manager.checkpoints()
+    assert saved, 'no checkpoint before the kill'
+    last_step = safe_load(saved[-1])['progress']['step']
+    code, log = _finish(_train(tiny_data, out, 'TRAIN.EPOCHS', '3', 'TRAIN.SAVE_STEPS', '2'))
+    assert code == 0, log
+    assert f'next step {last_step + 1}' in log
+    final = safe_load(manager.checkpoints()[-1])
+    assert final['progress']['step'] == 24 and final['progress']['epoch'] == 3
+    assert not [f for f in os.listdir(_run_dir(out)) if f.endswith('.tmp')]
+
+
+def test_sigterm_saves_and_exits(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    process = _train(tiny_data, out, 'TRAIN.EPOCHS', '50', 'PRINT_FREQ', '1')
+    for line in process.stdout:
+        if 'Train: [0/50][2/8]' in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    code, log = _finish(process)
+    assert code == 128 + signal.SIGTERM, log
+    saved = CheckpointManager(_run_dir(out)).checkpoints()
+    assert len(saved) == 1 and safe_load(saved[0])['progress']['step'] >= 2
+
+
+def test_latest_unreadable_checkpoint_falls_back(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=5)
+    manager.save({'progress': {'step': 1}}, 1)
+    manager.save({'progress': {'step': 2}}, 2)
+    with open(manager.checkpoints()[-1], 'r+b') as f:
+        f.truncate(100)  # a damaged newest file
+    path, state = manager.load_latest()
+    assert path.endswith('checkpoint_000000001.pth') and state['progress']['step'] == 1
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_skips(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, str(tmp_path / 'stop'), 'MODEL.LOGIT_SCALE_INIT', '1e999')
+    trainer.build_training()
+    with pytest.raises(FloatingPointError, match='epoch 0 step 1 .*no checkpoint was saved yet'):
+        trainer.fit()
+    skipping = _trainer(tiny_data, str(tmp_path / 'skip'), 'MODEL.LOGIT_SCALE_INIT', '1e999',
+                        'TRAIN.NAN_POLICY', 'skip', 'TRAIN.EPOCHS', '1')
+    skipping.build_training()
+    before = {k: v.clone() for k, v in skipping.model.state_dict().items()}
+    assert skipping.fit() == 0
+    assert skipping.progress.skipped_steps == 8
+    assert all(torch.equal(v, skipping.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_eval_and_throughput_modes(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    code, log = _finish(_train(tiny_data, out, 'TRAIN.EPOCHS', '1'))
+    assert code == 0, log
+    checkpoint = CheckpointManager(_run_dir(out)).checkpoints()[-1]
+    code, log = _finish(_train(tiny_data, str(tmp_path / 'eval'), 'DATA.VAL_PATH', os.path.join(tiny_data, 'zeroshot'),
+                               flags=['--eval', '--resume', checkpoint]))
+    assert code == 0, log
+    assert 'zero-shot on' in log and 'Acc@1' in log
+    code, log = _finish(_train(tiny_data, str(tmp_path / 'tp'), flags=['--throughput']))
+    assert code == 0, log
+    assert 'image encoder: batch 8' in log and 'images/s' in log
