@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from configs import load_config
 from data.classnames import resolve_classnames, resolve_templates
+from data.prompts import split_synonyms
 from data.transforms import build_eval_transform
 from model import UniCLModel, build_tokenizer, build_unicl_model
 from utils.checkpoint import load_pretrained
@@ -166,8 +167,9 @@ def run_zeroshot(model: UniCLModel, tokenizer, config, data_path: str, device: t
                  progress: bool = True) -> ZeroShotResult:
     """Zero-shot top-1/top-5 of `model` on the ImageFolder tree `data_path` (also used by main.py)."""
     dataset = IndexedImageFolder(data_path, transform=build_eval_transform(config))
-    classnames = resolve_classnames(len(dataset.classes), folder=data_path, explicit=classnames_file,
-                                    folder_names=dataset.classes)
+    # A class-name line may list synonyms ("dog; doggy"); the zero-shot classifier uses the first.
+    classnames = [split_synonyms(line)[0] for line in resolve_classnames(
+        len(dataset.classes), folder=data_path, explicit=classnames_file, folder_names=dataset.classes)]
     was_training = model.training
     model.eval()
     embeddings = build_class_embeddings(model, tokenizer, classnames, resolve_templates(templates), device,

@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -213,8 +214,15 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         if config.MODEL.PRETRAINED:
             load_pretrained(self.model, config.MODEL.PRETRAINED, config.MODEL.IMAGE_ENCODER.TYPE, strict=False)
-        self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                           broadcast_buffers=False) if world_size > 1 else None
+        self.ddp = None
+        if world_size > 1:
+            with warnings.catch_warnings():
+                # Newer torch renames the flag; the buffers (Swin's index tables and masks) are constants,
+                # so re-broadcasting them every forward would be a wasted collective.
+                warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
+                self.ddp = DistributedDataParallel(
+                    self.model, device_ids=[device.index] if device.type == 'cuda' else None,
+                    broadcast_buffers=False)
         self.criterion = UniCLLoss()
         self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
         self.progress = Progress()
@@ -243,21 +251,21 @@ class Trainer:
         return self.config.DATA.BATCH_SIZE * self.world_size * self.accumulation
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def state(self, data_position: Optional[Dict]) -> Dict[str, Any]:
+    def state(self) -> Dict[str, Any]:
         return {
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
             'lr_scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict() if self.scaler else None,
             'progress': asdict(self.progress),
-            'data': data_position,
+            'data': self.loader.state_dict(),  # the position in the epoch and in the shard streams
             'rng': all_rng_states(),
             'world_size': self.world_size,
             'config': self.config.dump(),
         }
 
-    def save(self, data_position: Optional[Dict]) -> None:
-        state = self.state(data_position)  # every rank: the RNG gather is a collective
+    def save(self) -> None:
+        state = self.state()  # on every rank: gathering RNG states and stream positions is a collective
         if self.rank == 0:
             path = self.checkpoints.save(state, self.progress.step)
             logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
@@ -403,11 +411,11 @@ class Trainer:
             signum = stop.agreed(self.device)
             if signum:
                 logger.warning(f'signal {signum}: saving at step {progress.step} and exiting')
-                self.save(self.loader.state_dict())
+                self.save()
                 return False
             if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0 \
                     and step_in_epoch < self.steps_per_epoch:
-                self.save(self.loader.state_dict())
+                self.save()
             if step_in_epoch == self.steps_per_epoch:
                 break  # leftover batches that cannot fill an accumulation group
         skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
@@ -447,7 +455,7 @@ class Trainer:
                 epoch = progress.epoch
                 progress.epoch += 1
                 if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS:
-                    self.save(None)
+                    self.save()
                 self.validate(writer)
         finally:
             if writer:

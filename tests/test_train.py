@@ -191,3 +191,38 @@ def test_eval_and_throughput_modes(tiny_data, tmp_path):
     code, log = _finish(_train(tiny_data, str(tmp_path / 'tp'), flags=['--throughput']))
     assert code == 0, log
     assert 'image encoder: batch 8' in log and 'images/s' in log
+
+
+def _children(pid):
+    out = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _torchrun(data, out, *opts):
+    return subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         os.path.join(ROOT, 'main.py'), *_args(data, out, *opts)],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+
+
+def test_torchrun_two_processes_a_dead_rank_ends_the_run_and_a_restart_resumes(tiny_data, tmp_path):
+    """2 gloo ranks; one is SIGKILLed mid-run: the survivor fails instead of hanging, torchrun exits non-zero,
+    and the same torchrun command started again resumes from the last checkpoint to the end."""
+    out = str(tmp_path / 'run')
+    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '1', 'DATA.BATCH_SIZE', '4')
+    manager = CheckpointManager(_run_dir(out))
+    process = _torchrun(tiny_data, out, *opts)
+    deadline = time.time() + 240
+    while not manager.checkpoints() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    code, log = _finish(process, timeout=120)
+    assert code != 0 and 'exitcode: -9' in log, log
+    code, log = _finish(_torchrun(tiny_data, out, *opts))
+    assert code == 0, log
+    assert 'resuming from' in log
+    final = safe_load(manager.checkpoints()[-1])
+    assert final['progress']['step'] == 16 and final['world_size'] == 2
