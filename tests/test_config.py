@@ -77,3 +77,12 @@ def test_odd_opts_and_missing_file(tmp_path):
         load_config(None, ['DATA.BATCH_SIZE'])
     with pytest.raises(ConfigError, match='not found'):
         load_config(str(tmp_path / 'nope.yaml'))
+
+
+def test_every_shipped_config_loads_with_known_sources():
+    from data import SOURCE_TYPES
+    names = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith('.yaml'))
+    assert len(names) >= 15
+    for name in names:
+        cfg = load_config(os.path.join(CONFIG_DIR, name))
+        assert all(source['TYPE'] in SOURCE_TYPES for source in cfg.DATA.SOURCES), name

@@ -226,3 +226,21 @@ def test_torchrun_two_processes_a_dead_rank_ends_the_run_and_a_restart_resumes(t
     assert 'resuming from' in log
     final = safe_load(manager.checkpoints()[-1])
     assert final['progress']['step'] == 16 and final['world_size'] == 2
+
+
+@pytest.mark.parametrize('sources, extra', [
+    ("[{'TYPE': 'imagefolder', 'PATH': 'labels'}]", []),
+    ("[{'TYPE': 'zip', 'PATH': 'labels/train.zip'}]", []),
+    ("[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]", []),
+    ("[{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv'}]", []),
+    ("[]", ['DATA.DATASET', 'imagenet']),  # the official single-folder layout: DATA_PATH/train
+    ("[]", ['DATA.DATASET', 'imagenet', 'DATA.ZIP_MODE', 'True']),
+], ids=['imagefolder', 'zip', 'webdataset', 'tsv', 'dataset-imagenet', 'dataset-imagenet-zip'])
+def test_trains_on_each_source(tiny_data, tmp_path, sources, extra):
+    data = os.path.join(tiny_data, 'labels') if sources == '[]' else tiny_data
+    trainer = _trainer(data, str(tmp_path), 'DATA.SOURCES', sources, *extra)
+    trainer.build_training()
+    batches = iter(trainer.loader)
+    for _ in range(2):
+        loss, grad_norm = trainer.optimizer_step([next(batches)])
+        assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
