@@ -57,3 +57,12 @@ def make_image_folder(root: str, per_class: int = 3, extra: int = 1, size: int =
 @pytest.fixture
 def color_folder(tmp_path):
     return make_image_folder(str(tmp_path / 'colors'))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
