@@ -112,7 +112,7 @@ def autocast_dtype(level: str, device: torch.device) -> Optional[torch.dtype]:
 class Progress:
     epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
     step: int = 0  # optimizer steps done since the start of training
-    max_accuracy: float = 0.0
+    max_accuracy: Optional[float] = None  # best zero-shot Acc@1; None until a validation ran
     skipped_steps: int = 0  # steps dropped for a non-finite loss (TRAIN.NAN_POLICY skip)
 
 
@@ -432,7 +432,7 @@ class Trainer:
             return None
         result = run_zeroshot(self.model, self.tokenizer, self.config, val_path, self.device,
                               amp_dtype=self.amp_dtype, progress=self.rank == 0)
-        self.progress.max_accuracy = max(self.progress.max_accuracy, result.top1)
+        self.progress.max_accuracy = max(self.progress.max_accuracy or 0.0, result.top1)
         logger.info(f'zero-shot on {result.num_images} images of {val_path}: Acc@1 {result.top1:.2f} '
                     f'Acc@5 {result.top5:.2f}  (best Acc@1 {self.progress.max_accuracy:.2f})')
         if writer:
@@ -460,8 +460,9 @@ class Trainer:
         finally:
             if writer:
                 writer.close()
+        best = 'n/a' if progress.max_accuracy is None else f'{progress.max_accuracy:.2f}'
         logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start))}, '
-                    f'best zero-shot Acc@1 {progress.max_accuracy:.2f}')
+                    f'best zero-shot Acc@1 {best}')
         return 0
 
     @torch.no_grad()
