@@ -43,5 +43,6 @@ def build_train_transform(config) -> Callable:
         interpolation=config.DATA.INTERPOLATION,
     )
     if config.DATA.IMG_SIZE <= 32:  # as the official code: small images get a padded random crop
-        transform.transforms[0] = transforms.RandomCrop(config.DATA.IMG_SIZE, padding=4)
+        # pad_if_needed: an image smaller than the crop is padded instead of failing the batch.
+        transform.transforms[0] = transforms.RandomCrop(config.DATA.IMG_SIZE, padding=4, pad_if_needed=True)
     return transform
