@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from configs import load_config
+from data.builtin import generate
 from model import build_tokenizer, build_unicl_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +18,14 @@ TINY_CONFIG = os.path.join(ROOT, 'configs', 'unicl_tiny.yaml')
 
 def tiny_config(*opts: str):
     return load_config(TINY_CONFIG, list(opts))
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> str:
+    """The built-in dataset at tiny scale (with the zip layout); read-only: copy it before changing it."""
+    out = str(tmp_path_factory.mktemp('builtin'))
+    generate(out, 'tiny', seed=0, with_zip=True)
+    return out
 
 
 @pytest.fixture(scope='session')

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data.builtin import SCALES
-from tests.test_data_fixtures import LABELS, SHARDS, TABLE, copy_of, data_config, epoch_batches, loader_for, tiny_data  # noqa: F401
+from tests.test_data_fixtures import LABELS, SHARDS, TABLE, copy_of, data_config, epoch_batches, loader_for
 
 TINY = SCALES['tiny']
 

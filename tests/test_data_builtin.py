@@ -11,7 +11,7 @@ import zipfile
 from PIL import Image
 
 from data.builtin import COLOURS, SCALES, SHAPES, Attributes, caption, generate
-from tests.test_data_fixtures import ROOT, tiny_data  # noqa: F401
+from tests.test_data_fixtures import ROOT
 
 TINY = SCALES['tiny']
 

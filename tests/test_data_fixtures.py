@@ -5,12 +5,10 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
-import pytest
 import torch
 
 from configs import load_config
 from data import build_train_loader
-from data.builtin import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, 'configs', 'unicl_tiny.yaml')
@@ -19,14 +17,6 @@ TINY_CONFIG = os.path.join(ROOT, 'configs', 'unicl_tiny.yaml')
 LABELS = {'TYPE': 'imagefolder', 'PATH': 'labels', 'NAME': 'shapes'}
 SHARDS = {'TYPE': 'webdataset', 'PATH': 'captions/shards/captions-{00000..00001}.tar', 'NAME': 'shards'}
 TABLE = {'TYPE': 'tsv', 'PATH': 'captions/captions.tsv', 'NAME': 'table'}
-
-
-@pytest.fixture(scope='session')
-def tiny_data(tmp_path_factory) -> str:
-    """The built-in dataset at tiny scale (with the zip layout); read-only: copy it before changing it."""
-    out = str(tmp_path_factory.mktemp('builtin'))
-    generate(out, 'tiny', seed=0, with_zip=True)
-    return out
 
 
 def copy_of(tiny_data: str, tmp_path) -> str:

@@ -5,7 +5,7 @@ import os
 
 from PIL import Image
 
-from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for, tiny_data  # noqa: F401
+from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for
 
 
 def test_caption_labels_unique_across_ranks(tiny_data, tokenizer):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.mixing import MixingPlan
-from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for, tiny_data  # noqa: F401
+from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for
 
 
 @pytest.mark.parametrize('weights,batch', [([0.5, 0.3, 0.2], 10), ([1, 1], 7), ([5, 1, 1, 0.1], 32), ([1], 4)])

@@ -8,8 +8,8 @@ import os
 import torch
 import torch.multiprocessing as mp
 
-from tests.test_data_fixtures import (LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for,  # noqa: F401
-                                      same_batches, tiny_data)
+from tests.test_data_fixtures import (LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for,
+                                      same_batches)
 
 
 def roundtrip(state):

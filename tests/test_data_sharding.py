@@ -6,8 +6,7 @@ import os
 import pytest
 
 from data.builtin import SCALES
-from tests.test_data_fixtures import (LABELS, SHARDS, data_config, epoch_batches, loader_for, same_batches,  # noqa: F401
-                                      tiny_data)
+from tests.test_data_fixtures import LABELS, SHARDS, data_config, epoch_batches, loader_for, same_batches
 
 TINY = SCALES['tiny']
 

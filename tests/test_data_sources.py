@@ -15,7 +15,7 @@ from data.classnames import imagenet_classnames
 from data.prompts import class_prompt, split_synonyms
 from data.sources import MapSource, Record, SourceSpec, StreamSource, build_source
 from data.specs import source_specs
-from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for, tiny_data  # noqa: F401
+from tests.test_data_fixtures import LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for
 
 TINY = SCALES['tiny']
 

@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 
 import main
 from tests.conftest import ROOT, TINY_CONFIG
-from tests.test_data_fixtures import tiny_data  # noqa: F401  (session fixture: the built-in data, tiny)
 from utils.checkpoint import CheckpointManager, safe_load
 
 # A fast, learnable setting: 32-px images, no random augmentation, 8 steps of 8 samples per epoch.
