@@ -156,8 +156,7 @@ def classify_zeroshot(model: UniCLModel, loader: DataLoader, class_embeddings: t
 def build_zeroshot_loader(dataset: IndexedImageFolder, batch_size: int, num_workers: int,
                           pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      sampler=ShardedSampler(len(dataset), get_rank(), get_world_size()),
-                      persistent_workers=False)
+                      sampler=ShardedSampler(len(dataset), get_rank(), get_world_size()))
 
 
 def run_zeroshot(model: UniCLModel, tokenizer, config, data_path: str, device: torch.device,
@@ -172,16 +171,18 @@ def run_zeroshot(model: UniCLModel, tokenizer, config, data_path: str, device: t
         len(dataset.classes), folder=data_path, explicit=classnames_file, folder_names=dataset.classes)]
     was_training = model.training
     model.eval()
-    embeddings = build_class_embeddings(model, tokenizer, classnames, resolve_templates(templates), device,
-                                        context_length=config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH,
-                                        amp_dtype=amp_dtype, progress=progress)
-    loader = build_zeroshot_loader(dataset, batch_size or config.DATA.BATCH_SIZE,
-                                   config.DATA.NUM_WORKERS if num_workers is None else num_workers,
-                                   pin_memory=device.type == 'cuda')
-    result = classify_zeroshot(model, loader, embeddings, device, amp_dtype, keep_predictions, progress)
+    try:
+        embeddings = build_class_embeddings(model, tokenizer, classnames, resolve_templates(templates), device,
+                                            context_length=config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH,
+                                            amp_dtype=amp_dtype, progress=progress)
+        loader = build_zeroshot_loader(dataset, batch_size or config.DATA.BATCH_SIZE,
+                                       config.DATA.NUM_WORKERS if num_workers is None else num_workers,
+                                       pin_memory=device.type == 'cuda')
+        result = classify_zeroshot(model, loader, embeddings, device, amp_dtype, keep_predictions, progress)
+    finally:
+        model.train(was_training)  # main.py validates mid-training
     result.predictions = [{'path': os.path.relpath(dataset.samples[p['index']][0], data_path), 'label': p['label'],
                            'top5': p['top5'], 'scores': p['scores']} for p in result.predictions]
-    model.train(was_training)
     return result
 
 

@@ -33,8 +33,7 @@ from data import build_train_loader
 from evaluate import run_zeroshot
 from loss import UniCLLoss
 from model import UniCLModel, build_tokenizer, build_unicl_model
-from utils.checkpoint import (CheckpointManager, extract_state_dict, load_pretrained, load_state_dict_checked,
-                              resolve_source, safe_load, to_model_layout)
+from utils.checkpoint import CheckpointManager, load_loaded, load_pretrained, resolve_source, safe_load
 from utils.distributed import all_reduce_sum, get_world_size, init_distributed
 from utils.logger import setup_logger
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
@@ -284,7 +283,8 @@ class Trainer:
         else:
             return
         if 'optimizer' not in state:  # a release file: weights only
-            self.load_weights(path, state)
+            load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
+            logger.info(f'initialized the weights from {path}')
             return
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])
@@ -301,12 +301,6 @@ class Trainer:
                            f'RNG streams restart and the data order of this epoch changes')
         logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
                     f'next step {self.progress.step + 1}')
-
-    def load_weights(self, path: str, state: Optional[Dict] = None) -> None:
-        state = state if state is not None else safe_load(resolve_source(path))
-        weights = to_model_layout(extract_state_dict(state, path), self.model, self.config.MODEL.IMAGE_ENCODER.TYPE)
-        load_state_dict_checked(self.model, weights, path, strict=True)
-        logger.info(f'loaded weights from {path}')
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -506,7 +500,7 @@ def main(argv=None) -> int:
         if config.EVAL_MODE:
             if not config.MODEL.RESUME:
                 raise ValueError('--eval needs --resume CHECKPOINT')
-            trainer.load_weights(config.MODEL.RESUME)
+            load_pretrained(trainer.model, config.MODEL.RESUME, config.MODEL.IMAGE_ENCODER.TYPE)
             trainer.validate(None)
             return 0
         trainer.build_training()

@@ -252,7 +252,12 @@ def load_pretrained(model: nn.Module, source: str, image_type: str, strict: bool
                     sha256: Optional[str] = None, cache_dir: str = DEFAULT_CACHE) -> LoadReport:
     """Load model weights from a path or URL in any accepted layout into `model` (a `UniCLModel`)."""
     path = resolve_source(source, cache_dir=cache_dir, sha256=sha256)
-    state_dict = extract_state_dict(safe_load(path), source)
+    return load_loaded(model, safe_load(path), source, image_type, strict)
+
+
+def load_loaded(model: nn.Module, obj: Any, source: str, image_type: str, strict: bool = True) -> LoadReport:
+    """`load_pretrained` for a file already read with `safe_load` (`source` names it in messages)."""
+    state_dict = extract_state_dict(obj, source)
     return load_state_dict_checked(model, to_model_layout(state_dict, model, image_type), source, strict)
 
 
