@@ -19,6 +19,22 @@ def test_forward_shapes_norms_and_scale(tiny_model, tokenizer):
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
+def test_text_feature_unchanged_by_dropping_padding(tiny_model, tokenizer):
+    """encode_text runs the causal encoder only up to the batch's last end-of-text token; the features
+    equal those of the full 77-token sequence, for the longest text and for the shorter ones."""
+    tokens = dict(tokenizer(['a photo of a large red striped star on a dark background', 'box'],
+                            padding='max_length', truncation=True, max_length=77, return_tensors='pt'))
+    seen = []
+    hook = tiny_model.text_encoder.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        got = tiny_model.encode_text(tokens, normalize=False)
+        full = tiny_model.text_encoder(tokens['input_ids'])
+    hook.remove()
+    expected = full[torch.arange(2), tokens['input_ids'].argmax(dim=-1)] @ tiny_model.text_projection
+    assert seen == [int(tokens['input_ids'].argmax(dim=-1).max()) + 1, 77] and seen[0] < 20
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_image_feature_is_pooled_final_norm(tiny_model):
     images = torch.randn(2, 3, 64, 64)
     encoder = tiny_model.image_encoder
