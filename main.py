@@ -420,7 +420,8 @@ class Trainer:
         return True
 
     def validate(self, writer) -> Optional[float]:
-        val_path = self.config.DATA.VAL_PATH or os.path.join(self.config.DATA.DATA_PATH, 'val')
+        # Relative to DATA_PATH, as DATA.SOURCES paths are.
+        val_path = os.path.join(self.config.DATA.DATA_PATH, self.config.DATA.VAL_PATH or 'val')
         if not os.path.isdir(val_path):
             logger.info(f'no validation folder ({val_path}): skipping zero-shot validation')
             return None
