@@ -25,7 +25,7 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
-# added: zero-shot validation folder (ImageFolder tree); empty means DATA_PATH/val.
+# added: zero-shot validation folder (ImageFolder tree), relative to DATA_PATH; empty means DATA_PATH/val.
 _C.DATA.VAL_PATH = ''
 # added: training sources, a list of mappings {TYPE, PATH[, NAME, WEIGHT, CLASSNAMES, NUM_SAMPLES]}
 # (TYPE: imagefolder, zip, tsv, csv, webdataset; relative PATHs are under DATA_PATH; see data/specs.py).
@@ -145,6 +145,8 @@ _C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
 _C.AUG.REPROB = 0.25
 _C.AUG.REMODE = 'pixel'
 _C.AUG.RECOUNT = 1
+# Added: RandomResizedCrop's area range (timm's default, which the official runs used).
+_C.AUG.CROP_SCALE = [0.08, 1.0]
 # Off by default, unlike the official tree (0.8 / 1.0): the released UniCL models were trained without
 # mixup/cutmix, and mixing images would also mix their label-defined positives.
 _C.AUG.MIXUP = 0.0

@@ -35,6 +35,7 @@ def build_train_transform(config) -> Callable:
     transform = create_transform(
         input_size=config.DATA.IMG_SIZE,
         is_training=True,
+        scale=tuple(aug.CROP_SCALE),
         color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
         auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT not in ('', 'none') else None,
         re_prob=aug.REPROB,
