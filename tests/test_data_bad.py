@@ -119,3 +119,22 @@ def test_empty_sources_fail_when_built(tmp_path, tokenizer):
     (tmp_path / 'empty.tsv').write_text('filepath\tcaption\n')
     with pytest.raises(ValueError, match="'table' has no samples"):
         loader_for(data_config(str(tmp_path), [dict(TABLE, PATH='empty.tsv')]), tokenizer)
+
+
+def test_shard_cut_inside_a_header_is_reported(tiny_data, tmp_path):
+    """Python's tarfile reads a shard cut inside a member header as a shorter, complete archive; the
+    missing end-of-archive blocks give it away."""
+    from data.sources.webdataset_shards import _cut_short
+    shard = os.path.join(tiny_data, 'captions', 'shards', 'captions-00000.tar')
+    data = open(shard, 'rb').read()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    cuts = {'in_header': members[3].offset + 100, 'at_member_end': members[3].offset}
+    assert not _cut_short(shard)
+    for name, cut in cuts.items():
+        path = str(tmp_path / f'{name}.tar')
+        with open(path, 'wb') as f:
+            f.write(data[:cut])
+        with tarfile.open(path) as tar:
+            assert len(tar.getmembers()) == 3  # no error: the loss would go unnoticed
+        assert _cut_short(path), name

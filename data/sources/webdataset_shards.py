@@ -112,6 +112,8 @@ class WebDatasetSource(StreamSource):
             buffer[j], item = item, buffer[j]
             yield item
         yield from self._errors(url, errors, remainder)
+        if remainder == 0 and _cut_short(url):
+            yield BadSample(BROKEN_SHARD, url, 'truncated: no end-of-archive blocks; its last members are lost')
         rng.shuffle(buffer)
         yield from buffer
 
@@ -133,6 +135,19 @@ class WebDatasetSource(StreamSource):
             return BadSample(NO_IMAGE, where)
         text = sample.get('txt')
         return Record(image, where, caption=text.decode('utf-8', errors='replace') if text else '')
+
+
+def _cut_short(url: str) -> bool:
+    """Whether a local tar file lacks the two zero blocks that end every complete archive. Python's tarfile
+    reads a file cut inside a member header as a clean, shorter archive; this catches that case."""
+    if not os.path.isfile(url):
+        return False  # remote shards: truncation shows as a read error, if at all
+    size = os.path.getsize(url)
+    if size % 512 or size < 1024:
+        return True
+    with open(url, 'rb') as f:
+        f.seek(size - 1024)
+        return any(f.read(1024))
 
 
 def _collect(errors: List[Exception]) -> Callable[[Exception], bool]:
