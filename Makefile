@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# Generates the built-in dataset, trains the tiny UniCL on labels + captions (about 5 minutes on 2 CPU
+# Generates the built-in dataset, trains the tiny UniCL on labels + captions (about 2.5 minutes on 2 CPU
 # cores), then evaluates it zero-shot on the held-out "colour shape" classes.
 demo: $(VENV)/.installed
 	$(PY) -m data.builtin --out demo_data --scale small
