@@ -231,6 +231,7 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------
     def build_training(self) -> None:
+        self.validation_folder()  # a wrong VAL_PATH fails now, not after the first epoch
         self.loader = build_train_loader(self.config, self.tokenizer, self.rank, self.world_size)
         if len(self.loader) < self.accumulation:
             raise ValueError(f'an epoch has {len(self.loader)} batches, fewer than ACCUMULATION_STEPS '
@@ -419,11 +420,22 @@ class Trainer:
             writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
         return True
 
+    def validation_folder(self) -> Optional[str]:
+        """DATA.VAL_PATH (relative to DATA_PATH, as DATA.SOURCES paths are), or DATA_PATH/val when it is
+        empty; None when that default folder does not exist. A VAL_PATH that is not a folder fails."""
+        data = self.config.DATA
+        path = os.path.join(data.DATA_PATH, data.VAL_PATH or 'val')
+        if os.path.isdir(path):
+            return path
+        if data.VAL_PATH:
+            raise FileNotFoundError(f'DATA.VAL_PATH {data.VAL_PATH!r}: no folder {path}')
+        return None
+
     def validate(self, writer) -> Optional[float]:
-        # Relative to DATA_PATH, as DATA.SOURCES paths are.
-        val_path = os.path.join(self.config.DATA.DATA_PATH, self.config.DATA.VAL_PATH or 'val')
-        if not os.path.isdir(val_path):
-            logger.info(f'no validation folder ({val_path}): skipping zero-shot validation')
+        val_path = self.validation_folder()
+        if val_path is None:
+            logger.info(f'no {os.path.join(self.config.DATA.DATA_PATH, "val")} folder: skipping zero-shot '
+                        'validation')
             return None
         result = run_zeroshot(self.model, self.tokenizer, self.config, val_path, self.device,
                               amp_dtype=self.amp_dtype, progress=self.rank == 0)

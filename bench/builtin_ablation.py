@@ -5,7 +5,7 @@
 Trains the three `configs/unicl_tiny_builtin*.yaml` runs one after the other (same model, schedule and
 samples per epoch; only DATA.SOURCES differs), reads each run's per-epoch zero-shot accuracy on the held-out
 "colour shape" classes from its log, and prints a table; `results.json` in the output folder keeps it.
-About 6 minutes a run on 2 CPU cores. The runs go one at a time on purpose: sharing two cores between
+About 3 minutes a run on 2 CPU cores. The runs go one at a time on purpose: sharing two cores between
 trainings makes each many times slower.
 """
 from __future__ import annotations

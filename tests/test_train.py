@@ -193,6 +193,14 @@ def test_eval_and_throughput_modes(tiny_data, tmp_path):
     assert 'image encoder: batch 8' in log and 'images/s' in log
 
 
+def test_missing_val_path_fails_before_training(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, str(tmp_path), 'DATA.VAL_PATH', 'nowhere')
+    with pytest.raises(FileNotFoundError, match="DATA.VAL_PATH 'nowhere': no folder"):
+        trainer.build_training()
+    # The default DATA_PATH/val may be absent: validation is skipped, training goes on.
+    assert _trainer(tiny_data, str(tmp_path)).validation_folder() is None
+
+
 def _children(pid):
     out = subprocess.run(['pgrep', '-P', str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
