@@ -420,22 +420,22 @@ class Trainer:
             writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
         return True
 
-    def validation_folder(self) -> Optional[str]:
+    def validation_folder(self, required: bool = False) -> Optional[str]:
         """DATA.VAL_PATH (relative to DATA_PATH, as DATA.SOURCES paths are), or DATA_PATH/val when it is
-        empty; None when that default folder does not exist. A VAL_PATH that is not a folder fails."""
+        empty; None when that default folder does not exist, unless `required`. A VAL_PATH that is not
+        a folder fails."""
         data = self.config.DATA
         path = os.path.join(data.DATA_PATH, data.VAL_PATH or 'val')
         if os.path.isdir(path):
             return path
-        if data.VAL_PATH:
+        if data.VAL_PATH or required:
             raise FileNotFoundError(f'DATA.VAL_PATH {data.VAL_PATH!r}: no folder {path}')
         return None
 
     def validate(self, writer) -> Optional[float]:
         val_path = self.validation_folder()
         if val_path is None:
-            logger.info(f'no {os.path.join(self.config.DATA.DATA_PATH, "val")} folder: skipping zero-shot '
-                        'validation')
+            logger.info('no DATA.VAL_PATH and no DATA_PATH/val folder: skipping zero-shot validation')
             return None
         result = run_zeroshot(self.model, self.tokenizer, self.config, val_path, self.device,
                               amp_dtype=self.amp_dtype, progress=self.rank == 0)
@@ -513,6 +513,7 @@ def main(argv=None) -> int:
         if config.EVAL_MODE:
             if not config.MODEL.RESUME:
                 raise ValueError('--eval needs --resume CHECKPOINT')
+            trainer.validation_folder(required=True)
             load_pretrained(trainer.model, config.MODEL.RESUME, config.MODEL.IMAGE_ENCODER.TYPE)
             trainer.validate(None)
             return 0

@@ -33,10 +33,10 @@ def train(config_name: str, data: str, output: str, opts: List[str]) -> List[Dic
     command = [sys.executable, 'main.py', '--cfg', f'configs/{config_name}.yaml', '--data-path', data,
                '--output', output] + (['--opts', *opts] if opts else [])
     subprocess.run(command, cwd=ROOT, check=True)
-    tag_dirs = [os.path.join(r, 'log_rank0.txt') for r, _, files in os.walk(output) if 'log_rank0.txt' in files]
-    if len(tag_dirs) != 1:
-        raise RuntimeError(f'expected one run log under {output}, found {tag_dirs}')
-    return epoch_accuracies(tag_dirs[0])
+    logs = [os.path.join(r, 'log_rank0.txt') for r, _, files in os.walk(output) if 'log_rank0.txt' in files]
+    if len(logs) != 1:
+        raise RuntimeError(f'expected one run log under {output}, found {logs}')
+    return epoch_accuracies(logs[0])
 
 
 def main(argv=None) -> None:

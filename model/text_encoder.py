@@ -144,7 +144,13 @@ def build_text_encoder(text_cfg) -> TextTransformer:
     )
 
 
-def eot_features(hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """The hidden state at each sequence's end-of-text token (the largest id, 49407)."""
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), input_ids.argmax(dim=-1)]
+def eot_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """`[B]` index of each sequence's end-of-text token: the first occurrence of the largest id, 49407
+    (padding repeats it)."""
+    return input_ids.argmax(dim=-1)
+
+
+def eot_features(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each sequence's end-of-text token (`positions` from `eot_positions`)."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
 

@@ -9,7 +9,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from .image_encoder import build_image_encoder, pooled_features
-from .text_encoder import build_text_encoder, eot_features
+from .text_encoder import build_text_encoder, eot_features, eot_positions
 
 TokenBatch = Dict[str, torch.Tensor]
 
@@ -37,15 +37,16 @@ class UniCLModel(nn.Module):
     def encode_text(self, tokens: TokenBatch, normalize: bool = True) -> torch.Tensor:
         """Tokenizer output (`input_ids` `[B, L]`, optionally `attention_mask`) -> `[B, DIM_PROJECTION]`."""
         input_ids, attention_mask = tokens['input_ids'], tokens.get('attention_mask')
+        eot = eot_positions(input_ids)
         if self.text_encoder.causal:
             # Under causal attention no state up to a sequence's end-of-text token sees the tokens after
             # it, so the padding after the batch's longest text is dropped: the same features for a
             # fraction of the compute (captions and prompts are far shorter than the 77-token context).
-            length = int(input_ids.argmax(dim=-1).max()) + 1
+            length = int(eot.max()) + 1
             input_ids = input_ids[:, :length]
             attention_mask = attention_mask[:, :length] if attention_mask is not None else None
         hidden = self.text_encoder(input_ids, attention_mask)
-        x = eot_features(hidden, input_ids) @ self.text_projection
+        x = eot_features(hidden, eot) @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, tokens: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

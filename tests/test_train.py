@@ -197,8 +197,11 @@ def test_missing_val_path_fails_before_training(tiny_data, tmp_path):
     trainer = _trainer(tiny_data, str(tmp_path), 'DATA.VAL_PATH', 'nowhere')
     with pytest.raises(FileNotFoundError, match="DATA.VAL_PATH 'nowhere': no folder"):
         trainer.build_training()
-    # The default DATA_PATH/val may be absent: validation is skipped, training goes on.
-    assert _trainer(tiny_data, str(tmp_path)).validation_folder() is None
+    # The default DATA_PATH/val may be absent: validation is skipped, training goes on; --eval needs it.
+    default = _trainer(tiny_data, str(tmp_path))
+    assert default.validation_folder() is None
+    with pytest.raises(FileNotFoundError, match="DATA.VAL_PATH '': no folder .*val"):
+        default.validation_folder(required=True)
 
 
 def _children(pid):
