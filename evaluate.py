@@ -1,11 +1,14 @@
-"""Evaluation of UniCL models.
+"""Evaluation of UniCL checkpoints: zero-shot classification, linear probe, image-text retrieval, and suites
+of datasets. A thin command line over the `evaluation` package.
 
     python evaluate.py zeroshot --cfg configs/unicl_swin_tiny.yaml --resume in21k_yfcc14m.pth \
-        --data-path /data/imagenet/val
+        --data-path /data/imagenet/val --output out/zs
+    python evaluate.py linear-probe --cfg CFG --resume CKPT --train-path DIR --val-path DIR [--test-path DIR] \
+        --output OUT
+    python evaluate.py zeroshot --suite configs/eval/elevater.yaml --resume A.pth B.pth --cfg CFG --output OUT
+    python evaluate.py retrieval --cfg CFG --resume CKPT --data-path captions.tsv --output OUT
 
-Zero-shot classification follows the official evaluation: the class embedding is the mean over prompt
-templates of the normalized text features, renormalized; logits are `logit_scale.exp() * image @ class.T`.
-Under torchrun the images are split across ranks without padding, so every image counts exactly once.
+Under torchrun every image and text is encoded exactly once, by one rank; results are written by rank 0.
 """
 from __future__ import annotations
 
@@ -13,245 +16,208 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader
-from tqdm import tqdm
 
-from configs import load_config
-from data.classnames import resolve_classnames, resolve_templates
-from data.prompts import split_synonyms
-from data.transforms import build_eval_transform
-from model import UniCLModel, build_tokenizer, build_unicl_model
-from utils.checkpoint import load_pretrained
-from utils.distributed import all_gather_no_grad, all_reduce_sum, get_rank, get_world_size, init_distributed
+from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, run_linear_probe, run_retrieval,
+                        run_suite, run_zeroshot, write_suite_results)
+from evaluation.linear_probe import DEFAULT_LEARNING_RATES, DEFAULT_WEIGHT_DECAYS, INIT_HEADS
+from evaluation.metrics import METRICS
+from utils.checkpoint import DEFAULT_CACHE
+from utils.distributed import get_rank, init_distributed
 from utils.logger import setup_logger
+from utils.precision import AMP_LEVELS
 
 logger = logging.getLogger('unicl.evaluate')
 
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-def _load_image(path: str):
-    try:
-        return default_loader(path)
-    except Exception as e:  # PIL's messages rarely name the file
-        raise RuntimeError(f'cannot read image {path}: {e}') from e
-
-
-class IndexedImageFolder(ImageFolder):
-    """ImageFolder whose items carry their dataset index, so predictions gathered from all ranks can be
-    put back in dataset order. An unreadable image is an error naming it: skipping one would change the
-    denominator of the accuracy."""
-
-    def __init__(self, root: str, transform=None):
-        super().__init__(root, transform=transform, loader=_load_image)
-
-    def __getitem__(self, index: int):
-        image, label = super().__getitem__(index)
-        return image, label, index
-
-
-class ShardedSampler(Sampler):
-    """Indices `rank, rank + world, ...`: disjoint across ranks and, unlike DistributedSampler, never
-    padded with repeats, so each image is counted exactly once."""
-
-    def __init__(self, num_samples: int, rank: int, world_size: int):
-        self.indices = list(range(rank, num_samples, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Zero-shot classification
-# ----------------------------------------------------------------------------------------------------
-@torch.inference_mode()
-def build_class_embeddings(model: UniCLModel, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                           device: torch.device, batch_size: int = 256, context_length: int = 77,
-                           amp_dtype: Optional[torch.dtype] = None, progress: bool = True) -> torch.Tensor:
-    """`[C, D]` class embeddings: per class, the renormalized mean of its normalized template features.
-
-    Classes are split across ranks and gathered, so the 81,000 prompts of ImageNet cost 1/world each.
-    """
-    rank, world = get_rank(), get_world_size()
-    own_classes = list(range(rank, len(classnames), world))
-    texts = [t.format(classnames[c]) for c in own_classes for t in templates]
-    features = []
-    for start in tqdm(range(0, len(texts), batch_size), desc='class embeddings', disable=not progress,
-                      leave=False):
-        tokens = tokenizer(texts[start:start + batch_size], padding='max_length', truncation=True,
-                           max_length=context_length, return_tensors='pt')
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            features.append(model.encode_text({k: v.to(device) for k, v in tokens.items()}).float())
-    dim = model.text_projection.shape[1]
-    own = (torch.cat(features) if features else torch.zeros(0, dim, device=device))
-    own = own.view(len(own_classes), len(templates), dim).mean(dim=1)
-    own = own / own.norm(dim=-1, keepdim=True)
-    # Rank r holds classes r, r + world, ...: gather, then restore class order.
-    order = torch.tensor(own_classes, device=device, dtype=torch.long)
-    gathered, gathered_order = all_gather_no_grad(own), all_gather_no_grad(order)
-    embeddings = torch.empty(len(classnames), dim, device=device)
-    embeddings[gathered_order] = gathered
-    return embeddings
-
-
-@dataclass
-class ZeroShotResult:
-    top1: float
-    top5: float
-    num_images: int
-    num_classes: int
-    predictions: List[Dict] = field(default_factory=list)  # on rank 0, in dataset order, when asked for
-
-
-@torch.inference_mode()
-def classify_zeroshot(model: UniCLModel, loader: DataLoader, class_embeddings: torch.Tensor,
-                      device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-                      keep_predictions: bool = False, progress: bool = True) -> ZeroShotResult:
-    """Top-1/top-5 accuracy (in %) of `model` on `loader`'s images against `class_embeddings`."""
-    num_classes = class_embeddings.shape[0]
-    k = min(5, num_classes)
-    scale = model.logit_scale.exp().float()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@k, images
-    predictions = []
-    bar = tqdm(loader, desc='zero-shot', disable=not progress, leave=False)
-    for images, labels, indices in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            image_features = model.encode_image(images).float()
-        logits = scale * image_features @ class_embeddings.T
-        scores, top = logits.topk(k, dim=-1)
-        hits = top == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=-1).sum(), torch.tensor(len(labels), device=device)])
-        if keep_predictions:
-            predictions += [{'index': int(i), 'label': int(y), 'top5': t.tolist(), 'scores': s.tolist()}
-                            for i, y, t, s in zip(indices, labels.cpu(), top.cpu(), scores.cpu())]
-        bar.set_postfix(acc1=f'{100 * counts[0].item() / max(counts[2].item(), 1):.2f}')
-    counts = all_reduce_sum(counts)
-    if keep_predictions and dist.is_available() and dist.is_initialized():
-        gathered = [None] * get_world_size()
-        dist.all_gather_object(gathered, predictions)
-        predictions = [p for part in gathered for p in part]
-    predictions.sort(key=lambda p: p['index'])
-    images = int(counts[2].item())
-    if images == 0:
-        raise RuntimeError('zero-shot evaluation saw no images')
-    return ZeroShotResult(top1=100 * counts[0].item() / images, top5=100 * counts[1].item() / images,
-                          num_images=images, num_classes=num_classes,
-                          predictions=predictions if get_rank() == 0 else [])
-
-
-def build_zeroshot_loader(dataset: IndexedImageFolder, batch_size: int, num_workers: int,
-                          pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      sampler=ShardedSampler(len(dataset), get_rank(), get_world_size()))
-
-
-def run_zeroshot(model: UniCLModel, tokenizer, config, data_path: str, device: torch.device,
-                 classnames_file: Optional[str] = None, templates: str = 'imagenet',
-                 batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                 amp_dtype: Optional[torch.dtype] = None, keep_predictions: bool = False,
-                 progress: bool = True) -> ZeroShotResult:
-    """Zero-shot top-1/top-5 of `model` on the ImageFolder tree `data_path` (also used by main.py)."""
-    dataset = IndexedImageFolder(data_path, transform=build_eval_transform(config))
-    # A class-name line may list synonyms ("dog; doggy"); the zero-shot classifier uses the first.
-    classnames = [split_synonyms(line)[0] for line in resolve_classnames(
-        len(dataset.classes), folder=data_path, explicit=classnames_file, folder_names=dataset.classes)]
-    was_training = model.training
-    model.eval()
-    try:
-        embeddings = build_class_embeddings(model, tokenizer, classnames, resolve_templates(templates), device,
-                                            context_length=config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH,
-                                            amp_dtype=amp_dtype, progress=progress)
-        loader = build_zeroshot_loader(dataset, batch_size or config.DATA.BATCH_SIZE,
-                                       config.DATA.NUM_WORKERS if num_workers is None else num_workers,
-                                       pin_memory=device.type == 'cuda')
-        result = classify_zeroshot(model, loader, embeddings, device, amp_dtype, keep_predictions, progress)
-    finally:
-        model.train(was_training)  # main.py validates mid-training
-    result.predictions = [{'path': os.path.relpath(dataset.samples[p['index']][0], data_path), 'label': p['label'],
-                           'top5': p['top5'], 'scores': p['scores']} for p in result.predictions]
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
 def _device(local_rank: int, requested: Optional[str]) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
 
 
-def zeroshot_main(args: argparse.Namespace) -> Dict:
-    rank, _, local_rank = init_distributed()
-    setup_logger(args.output, rank)
-    config = load_config(args.cfg, args.opts)
-    device = _device(local_rank, args.device)
-    model = build_unicl_model(config).to(device)
-    report = load_pretrained(model, args.resume, config.MODEL.IMAGE_ENCODER.TYPE)
-    logger.info(f'loaded {args.resume} ({len(report.unexpected)} unexpected keys ignored)')
-    tokenizer = build_tokenizer(config.MODEL.TEXT_ENCODER)
-    result = run_zeroshot(model, tokenizer, config, args.data_path, device, classnames_file=args.classnames,
-                          templates=args.templates, batch_size=args.batch_size, num_workers=args.num_workers,
-                          amp_dtype=AMP_DTYPES[args.amp], keep_predictions=args.save_predictions,
-                          progress=rank == 0)
+def _write_json(output: Optional[str], name: str, content: Dict) -> None:
+    if output and get_rank() == 0:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, name), 'w') as f:
+            json.dump(content, f, indent=2)
+
+
+class Session:
+    """What every command shares: the process group, logging, the device, and how to load a checkpoint."""
+
+    def __init__(self, args: argparse.Namespace):
+        _, _, local_rank = init_distributed()
+        setup_logger(args.output, get_rank())
+        self.args = args
+        self.device = _device(local_rank, args.device)
+
+    def load(self, checkpoint: str):
+        a = self.args
+        return load_encoder(a.cfg, checkpoint, self.device, a.opts, a.amp, a.batch_size, a.num_workers)
+
+    def single_checkpoint(self) -> str:
+        if len(self.args.resume) != 1:
+            raise SystemExit('several --resume checkpoints need --suite')
+        return self.args.resume[0]
+
+    def suite(self, evaluate) -> Dict:
+        report = run_suite(self.args.resume, load_suite(self.args.suite), self.load, evaluate)
+        if get_rank() == 0:
+            for name in report['datasets']:
+                logger.info(f'{name}: ' + ', '.join(f'{c} {report["results"][name][c]["value"]:.2f}'
+                                                     for c in report['checkpoints']))
+            logger.info('average: ' + ', '.join(f'{c} {v:.2f}' for c, v in report['average'].items()))
+            if self.args.output:
+                write_suite_results(self.args.output, report)
+        return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+def zeroshot_command(session: Session) -> Dict:
+    args = session.args
+    if args.suite:
+        return session.suite(lambda encoder, d: run_zeroshot(
+            encoder, d.zeroshot_folder, d.classnames, d.templates or args.templates, d.metric).value)
+    checkpoint = session.single_checkpoint()
+    result = run_zeroshot(session.load(checkpoint), args.data_path, args.classnames, args.templates, args.metric,
+                          keep_predictions=args.save_predictions)
     summary = {'top1': result.top1, 'top5': result.top5, 'num_images': result.num_images,
-               'num_classes': result.num_classes, 'checkpoint': args.resume, 'config': args.cfg,
-               'templates': args.templates}
-    if rank == 0:
-        logger.info(f' * Acc@1 {result.top1:.3f} Acc@5 {result.top5:.3f} '
-                    f'({result.num_images} images, {result.num_classes} classes)')
-        if args.output:
-            os.makedirs(args.output, exist_ok=True)
-            with open(os.path.join(args.output, 'zeroshot_results.json'), 'w') as f:
-                json.dump(summary, f, indent=2)
-            if args.save_predictions:
-                with open(os.path.join(args.output, 'predictions.jsonl'), 'w') as f:
-                    f.writelines(json.dumps(p) + '\n' for p in result.predictions)
+               'num_classes': result.num_classes, 'metric': result.metric, 'value': result.value,
+               'checkpoint': checkpoint, 'config': args.cfg, 'templates': args.templates}
+    logger.info(f' * Acc@1 {result.top1:.3f} Acc@5 {result.top5:.3f} {result.metric} {result.value:.3f} '
+                f'({result.num_images} images, {result.num_classes} classes)')
+    _write_json(args.output, 'zeroshot_results.json', summary)
+    if args.save_predictions and get_rank() == 0:
+        with open(os.path.join(args.output, 'predictions.jsonl'), 'w') as f:
+            f.writelines(json.dumps(p) + '\n' for p in result.predictions)
     return summary
+
+
+def linear_probe_command(session: Session) -> Dict:
+    args = session.args
+    settings = ProbeSettings(args.lrs, args.weight_decays, args.epochs, args.probe_batch_size, args.seed)
+    cache = FeatureCache(None if args.no_cache else args.cache_dir)
+
+    def probe(encoder, train, val, test, metric, classnames, templates):
+        return run_linear_probe(encoder, train, val, test, metric, settings, args.init_head, classnames,
+                                templates, cache)
+
+    if args.suite:
+        return session.suite(lambda encoder, d: probe(
+            encoder, d.split('train'), d.split('val'), d.split('test') if os.path.isdir(d.split('test')) else None,
+            d.metric, d.classnames, d.templates or args.templates).value)
+    if not (args.train_path and args.val_path):
+        raise SystemExit('linear-probe needs --train-path and --val-path (or --suite)')
+    checkpoint = session.single_checkpoint()
+    result = probe(session.load(checkpoint), args.train_path, args.val_path, args.test_path, args.metric,
+                   args.classnames, args.templates)
+    summary = {'top1': result.top1, 'metric': result.metric, 'value': result.value, 'lr': result.lr,
+               'weight_decay': result.weight_decay, 'num_train': result.num_train, 'num_test': result.num_test,
+               'init_head': args.init_head, 'epochs': args.epochs, 'checkpoint': checkpoint, 'config': args.cfg,
+               'search': result.search}
+    logger.info(f' * linear probe {result.metric} {result.value:.3f} (top-1 {result.top1:.3f}) with lr '
+                f'{result.lr:g}, weight decay {result.weight_decay:g}; fit on {result.num_train}, '
+                f'tested on {result.num_test} images')
+    _write_json(args.output, 'linear_probe_results.json', summary)
+    return summary
+
+
+def retrieval_command(session: Session) -> Dict:
+    args = session.args
+    checkpoint = session.single_checkpoint()
+    cache = FeatureCache(None if args.no_cache else args.cache_dir)
+    results = run_retrieval(session.load(checkpoint), args.data_path, args.image_root, args.split, cache)
+    summary = {**results, 'checkpoint': checkpoint, 'config': args.cfg, 'data_path': args.data_path}
+    logger.info(f' * {results["num_images"]} images, {results["num_texts"]} texts: ' + ', '.join(
+        f'{k} {v:.2f}' for k, v in results.items() if '@' in k))
+    _write_json(args.output, 'retrieval_results.json', summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--cfg', required=True, help='model config (e.g. configs/unicl_swin_tiny.yaml)')
+    parser.add_argument('--resume', required=True, nargs='+', help='checkpoint path(s) or URL(s); several need --suite')
+    parser.add_argument('--output', help='folder for the results files')
+    parser.add_argument('--batch-size', type=int, help='images per batch and process (default DATA.BATCH_SIZE)')
+    parser.add_argument('--num-workers', type=int, help='data loading workers (default DATA.NUM_WORKERS)')
+    parser.add_argument('--amp', choices=AMP_LEVELS, help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on "
+                        "CUDA); default: the config's AMP_OPT_LEVEL, as training validates")
+    parser.add_argument('--device', help='e.g. cpu or cuda:0 (default: cuda when available)')
+    parser.add_argument('--opts', nargs='+', help='config overrides: KEY VALUE pairs')
+
+
+def _classification(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--suite', help='YAML suite file: evaluate every dataset it lists')
+    parser.add_argument('--metric', default='accuracy', choices=sorted(METRICS), help='reported metric')
+    parser.add_argument('--classnames', help='class names, one per line in sorted-folder order '
+                        '(default: DIR/classnames.txt, else the ImageNet-1K names for 1000 classes)')
+    parser.add_argument('--templates', default='imagenet', help='imagenet (81 official), single, or a file')
+
+
+def _cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--cache-dir', default=os.path.join(DEFAULT_CACHE, 'features'),
+                        help='feature cache folder (default: %(default)s)')
+    parser.add_argument('--no-cache', action='store_true', help='always extract features, cache nothing')
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='UniCL evaluation')
     commands = parser.add_subparsers(dest='command', required=True)
-    zeroshot = commands.add_parser('zeroshot', help='zero-shot classification on an ImageFolder tree')
-    zeroshot.add_argument('--cfg', required=True, help='model config (e.g. configs/unicl_swin_tiny.yaml)')
-    zeroshot.add_argument('--resume', required=True, help='checkpoint path or URL')
-    zeroshot.add_argument('--data-path', required=True, help='ImageFolder tree: one folder per class')
-    zeroshot.add_argument('--classnames', help='class names, one per line in sorted-folder order '
-                          '(default: DIR/classnames.txt, else the ImageNet-1K names for 1000 classes)')
-    zeroshot.add_argument('--templates', default='imagenet', help='imagenet (81 official), single, or a file')
-    zeroshot.add_argument('--batch-size', type=int, help='images per batch and process (default DATA.BATCH_SIZE)')
-    zeroshot.add_argument('--num-workers', type=int, help='data loading workers (default DATA.NUM_WORKERS)')
-    zeroshot.add_argument('--amp', choices=sorted(AMP_DTYPES), default='none', help='autocast dtype')
-    zeroshot.add_argument('--device', help='e.g. cpu or cuda:0 (default: cuda when available)')
-    zeroshot.add_argument('--output', help='folder for zeroshot_results.json (and predictions.jsonl)')
+
+    zeroshot = commands.add_parser('zeroshot', help='zero-shot classification on an ImageFolder tree or a suite')
+    _common(zeroshot)
+    _classification(zeroshot)
+    zeroshot.add_argument('--data-path', help='ImageFolder tree: one folder per class')
     zeroshot.add_argument('--save-predictions', action='store_true', help='write OUT/predictions.jsonl')
-    zeroshot.add_argument('--opts', nargs='+', help='config overrides: KEY VALUE pairs')
-    zeroshot.set_defaults(run=zeroshot_main)
+    zeroshot.set_defaults(run=zeroshot_command)
+
+    probe = commands.add_parser('linear-probe', help='linear probe on frozen features (ELEVATER protocol)')
+    _common(probe)
+    _classification(probe)
+    _cache(probe)
+    probe.add_argument('--train-path', help='ImageFolder tree of training images')
+    probe.add_argument('--val-path', help='ImageFolder tree: the search split with --test-path, else the result split')
+    probe.add_argument('--test-path', help='ImageFolder tree the result is reported on')
+    probe.add_argument('--init-head', choices=INIT_HEADS, default='zero',
+                       help='start the head at zero or at the zero-shot classifier (text)')
+    probe.add_argument('--lrs', type=float, nargs='+', default=list(DEFAULT_LEARNING_RATES), help='searched learning rates')
+    probe.add_argument('--weight-decays', type=float, nargs='+', default=list(DEFAULT_WEIGHT_DECAYS),
+                       help='searched L2 weight decays')
+    probe.add_argument('--epochs', type=int, default=30, help='epochs over the cached features per fit')
+    probe.add_argument('--probe-batch-size', type=int, default=256, help='features per step of the head')
+    probe.add_argument('--seed', type=int, default=0, help='seed of the hold-out split and the batch order')
+    probe.set_defaults(run=linear_probe_command)
+
+    retrieval = commands.add_parser('retrieval', help='image-text retrieval Recall@1/5/10')
+    _common(retrieval)
+    _cache(retrieval)
+    retrieval.add_argument('--data-path', required=True,
+                           help='captions: a TSV/CSV table, webdataset shards, or a COCO-style JSON')
+    retrieval.add_argument('--image-root', help='image folder of a COCO JSON (default: the JSON\'s folder)')
+    retrieval.add_argument('--split', default='test', help="Karpathy split to use ('all': every image)")
+    retrieval.set_defaults(run=retrieval_command)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, 'save_predictions', False) and not args.output:
-        parser.error('--save-predictions needs --output')
+    if args.command == 'zeroshot':
+        if bool(args.suite) == bool(args.data_path):
+            parser.error('zeroshot needs exactly one of --data-path and --suite')
+        if args.save_predictions and (not args.output or args.suite):
+            parser.error('--save-predictions needs --output and a single --data-path')
     try:
-        return args.run(args)
+        return args.run(Session(args))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -30,13 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from configs import load_config
 from data import build_train_loader
-from evaluate import run_zeroshot
+from evaluation import Encoder, run_zeroshot
 from loss import UniCLLoss
 from model import UniCLModel, build_tokenizer, build_unicl_model
 from utils.checkpoint import CheckpointManager, load_loaded, load_pretrained, resolve_source, safe_load
 from utils.distributed import all_reduce_sum, get_world_size, init_distributed
 from utils.logger import setup_logger
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
+from utils.precision import autocast, autocast_dtype
 
 logger = logging.getLogger('unicl.train')
 
@@ -88,20 +89,6 @@ def build_run_config(args: argparse.Namespace):
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME or 'unicl', config.TAG)
     config.freeze()
     return config
-
-
-# ----------------------------------------------------------------------------------------------------
-# Precision
-# ----------------------------------------------------------------------------------------------------
-def autocast_dtype(level: str, device: torch.device) -> Optional[torch.dtype]:
-    """AMP_OPT_LEVEL -> autocast dtype. The official O1/O2 (apex) become bf16 on CUDA: bf16 needs no loss
-    scaling; '' means the same. CPUs run fp32 unless bf16 is asked for by name."""
-    levels = {'O0': None, 'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    if level in levels:
-        return levels[level]
-    if level in ('', 'O1', 'O2'):
-        return torch.bfloat16 if device.type == 'cuda' else None
-    raise ValueError(f"AMP_OPT_LEVEL {level!r} is unknown; use O0, O1, O2, bf16, fp16 or ''")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,8 +292,7 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
     def _micro_step(self, batch, sync: bool) -> torch.Tensor:
         images, tokens, labels = batch
@@ -437,8 +423,9 @@ class Trainer:
         if val_path is None:
             logger.info('no DATA.VAL_PATH and no DATA_PATH/val folder: skipping zero-shot validation')
             return None
-        result = run_zeroshot(self.model, self.tokenizer, self.config, val_path, self.device,
-                              amp_dtype=self.amp_dtype, progress=self.rank == 0)
+        # The same autocast as training; evaluate.py defaults to it too (the config's AMP_OPT_LEVEL).
+        encoder = Encoder(self.model, self.tokenizer, self.config, self.device, self.amp_dtype)
+        result = run_zeroshot(encoder, val_path)
         self.progress.max_accuracy = max(self.progress.max_accuracy or 0.0, result.top1)
         logger.info(f'zero-shot on {result.num_images} images of {val_path}: Acc@1 {result.top1:.2f} '
                     f'Acc@5 {result.top5:.2f}  (best Acc@1 {self.progress.max_accuracy:.2f})')

@@ -89,7 +89,8 @@ def safe_load(path: str) -> Any:
             f'where you trust the file.') from None
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -104,7 +105,7 @@ def resolve_source(source: str, cache_dir: str = DEFAULT_CACHE, sha256: Optional
     """
     if urllib.parse.urlparse(source).scheme in ('http', 'https'):
         path = os.path.join(cache_dir, os.path.basename(urllib.parse.urlparse(source).path) or 'checkpoint.pth')
-        if not os.path.isfile(path) or (sha256 and _sha256(path) != sha256):
+        if not os.path.isfile(path) or (sha256 and sha256_file(path) != sha256):
             os.makedirs(cache_dir, exist_ok=True)
             logger.info(f'downloading {source} to {path}')
             with urllib.request.urlopen(source) as response:
@@ -113,8 +114,8 @@ def resolve_source(source: str, cache_dir: str = DEFAULT_CACHE, sha256: Optional
         path = source
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {source}')
-    if sha256 and _sha256(path) != sha256:
-        raise CheckpointError(f'{path}: sha256 is {_sha256(path)}, expected {sha256}')
+    if sha256 and sha256_file(path) != sha256:
+        raise CheckpointError(f'{path}: sha256 is {sha256_file(path)}, expected {sha256}')
     return path
 
 

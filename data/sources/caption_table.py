@@ -62,6 +62,12 @@ class CaptionTableSource(MapSource):
                 yield (row[image].strip() if image < len(row) else '',
                        row[caption] if caption < len(row) else '')
 
+    def pairs(self) -> List[Tuple[str, str]]:
+        """(image path, caption) of every row, in file order, paths resolved against the table's folder
+        ('' for a row without one)."""
+        return [(os.path.join(self.root, self._images[i]) if self._images[i] else '', self._captions[i])
+                for i in range(len(self._images))]
+
     @property
     def num_samples(self) -> int:
         return len(self._images)
