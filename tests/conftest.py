@@ -48,10 +48,10 @@ COLORS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'blue': (30, 40, 220),
           'yellow': (230, 220, 30), 'purple': (140, 30, 160), 'orange': (240, 140, 20)}
 
 
-def make_image_folder(root: str, per_class: int = 3, extra: int = 1, size: int = 72) -> str:
+def make_image_folder(root: str, per_class: int = 3, extra: int = 1, size: int = 72, seed: int = 0) -> str:
     """Six colour classes of noisy solid images, `extra` more images in the first class; writes
     classnames.txt in sorted-folder order."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     names = sorted(COLORS)
     for c, name in enumerate(names):
         os.makedirs(os.path.join(root, name), exist_ok=True)
