@@ -83,7 +83,7 @@ def zeroshot_command(session: Session) -> Dict:
     args = session.args
     if args.suite:
         return session.suite(lambda encoder, d: run_zeroshot(
-            encoder, d.zeroshot_folder, d.classnames, d.templates or args.templates, d.metric).value)
+            encoder, d.zeroshot_folder, d.classnames_file, d.templates or args.templates, d.metric).value)
     checkpoint = session.single_checkpoint()
     result = run_zeroshot(session.load(checkpoint), args.data_path, args.classnames, args.templates, args.metric,
                           keep_predictions=args.save_predictions)
@@ -111,7 +111,7 @@ def linear_probe_command(session: Session) -> Dict:
     if args.suite:
         return session.suite(lambda encoder, d: probe(
             encoder, d.split('train'), d.split('val'), d.split('test') if os.path.isdir(d.split('test')) else None,
-            d.metric, d.classnames, d.templates or args.templates).value)
+            d.metric, d.classnames_file, d.templates or args.templates).value)
     if not (args.train_path and args.val_path):
         raise SystemExit('linear-probe needs --train-path and --val-path (or --suite)')
     checkpoint = session.single_checkpoint()

@@ -11,7 +11,7 @@ A suite file is YAML:
 `path` (relative to `root`, or to the suite file without one) is an ImageFolder tree for zero-shot, or a
 folder holding `train/`, `val/` and optionally `test/` trees; zero-shot uses `PATH/test` when it exists.
 Optional keys: `templates` (a list, or 'imagenet' / 'single' / a file) and `classnames` (a file, relative like
-`path`; default as for zero-shot: `classnames.txt` in the folder).
+`path`; default: `PATH/classnames.txt`, else as for zero-shot, `classnames.txt` in the split's folder).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from data.classnames import resolve_templates
+from data.classnames import CLASSNAMES_FILE, resolve_templates
 
 from .encoder import Encoder
 from .metrics import get_metric
@@ -43,6 +43,13 @@ class SuiteDataset:
 
     def split(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    @property
+    def classnames_file(self) -> Optional[str]:
+        """`classnames`, else PATH/classnames.txt when it exists (shared by the splits), else None (then each
+        split folder's own classnames.txt, or the folder names)."""
+        shared = os.path.join(self.path, CLASSNAMES_FILE)
+        return self.classnames or (shared if os.path.isfile(shared) else None)
 
     @property
     def zeroshot_folder(self) -> str:

@@ -123,3 +123,15 @@ def test_templates(tmp_path):
     assert resolve_templates(str(good)) == ['a {} drawing', 'itap of {}']
     with pytest.raises(ValueError, match='placeholder|"\\{\\}"'):
         resolve_templates(str(bad))
+
+
+def test_log_redirected_to_a_file_has_no_progress_bar_fragments(color_folder, checkpoint, tmp_path):
+    log = tmp_path / 'eval.log'
+    with open(log, 'w') as f:
+        subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), 'zeroshot', '--cfg', TINY_CONFIG,
+                        '--resume', checkpoint, '--data-path', color_folder, '--batch-size', '2', '--num-workers',
+                        '0', '--device', 'cpu', '--templates', 'single'],
+                       check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    text = log.read_text()
+    assert 'Acc@1' in text and '\r' not in text and 'it/s' not in text
