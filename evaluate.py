@@ -149,7 +149,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', help='folder for the results files')
     parser.add_argument('--batch-size', type=int, help='images per batch and process (default DATA.BATCH_SIZE)')
     parser.add_argument('--num-workers', type=int, help='data loading workers (default DATA.NUM_WORKERS)')
-    parser.add_argument('--amp', choices=AMP_LEVELS, help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on "
+    parser.add_argument('--amp', choices=[level for level in AMP_LEVELS if level], help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on "
                         "CUDA); default: the config's AMP_OPT_LEVEL, as training validates")
     parser.add_argument('--device', help='e.g. cpu or cuda:0 (default: cuda when available)')
     parser.add_argument('--opts', nargs='+', help='config overrides: KEY VALUE pairs')

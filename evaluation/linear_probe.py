@@ -44,9 +44,10 @@ class HeadInit:
     weight: Optional[Tensor] = None
     bias: Optional[Tensor] = None
 
-    def tensors(self, num_classes: int, dim: int) -> Tuple[Tensor, Tensor]:
+    def tensors(self, num_classes: int, dim: int, device: torch.device) -> Tuple[Tensor, Tensor]:
         weight = self.weight.float().clone() if self.weight is not None else torch.zeros(num_classes, dim)
         bias = self.bias.float().clone() if self.bias is not None else torch.zeros(num_classes)
+        weight, bias = weight.to(device), bias.to(device)
         if weight.shape != (num_classes, dim) or bias.shape != (num_classes,):
             raise ValueError(f'initial head {tuple(weight.shape)} / {tuple(bias.shape)} does not fit '
                              f'{num_classes} classes x {dim} features')
@@ -70,18 +71,19 @@ def balanced_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> Tupl
 def train_heads(features: Tensor, labels: Tensor, num_classes: int, grid: Sequence[Tuple[float, float]],
                 settings: ProbeSettings, init: HeadInit = HeadInit()) -> List[Tuple[Tensor, Tensor]]:
     """One linear head per (learning rate, weight decay) in `grid`, trained on the same mini-batches:
-    cross-entropy + wd/2 * ||W||^2 (the bias is not decayed), Adam, cosine learning-rate decay."""
-    features, labels = features.float(), labels.long()
-    weight0, bias0 = init.tensors(num_classes, features.shape[1])
+    cross-entropy + wd/2 * ||W||^2 (the bias is not decayed), Adam, cosine learning-rate decay. Runs on the
+    features' device."""
+    features, labels = features.float(), labels.to(features.device).long()
+    weight0, bias0 = init.tensors(num_classes, features.shape[1], features.device)
     weights = [weight0.clone().requires_grad_(True) for _ in grid]
     biases = [bias0.clone().requires_grad_(True) for _ in grid]
     optimizer = torch.optim.Adam([{'params': [w, b], 'lr': lr} for (lr, _), w, b in zip(grid, weights, biases)])
-    decays = torch.tensor([wd for _, wd in grid], dtype=torch.float32)
+    decays = torch.tensor([wd for _, wd in grid], dtype=torch.float32, device=features.device)
     generator = torch.Generator().manual_seed(settings.seed)
     steps_per_epoch = math.ceil(len(features) / settings.batch_size)
     total_steps, step = settings.epochs * steps_per_epoch, 0
     for _ in range(settings.epochs):
-        order = torch.randperm(len(features), generator=generator)
+        order = torch.randperm(len(features), generator=generator).to(features.device)
         for start in range(0, len(features), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             stacked_w, stacked_b = torch.stack(weights), torch.stack(biases)  # [G, C, D], [G, C]
@@ -100,8 +102,9 @@ def train_heads(features: Tensor, labels: Tensor, num_classes: int, grid: Sequen
 
 
 def head_scores(features: Tensor, head: Tuple[Tensor, Tensor]) -> Tensor:
+    """`[N, C]` logits, on the CPU where the metrics run."""
     weight, bias = head
-    return features.float() @ weight.T + bias
+    return (features.float().to(weight.device) @ weight.T + bias).cpu()
 
 
 @dataclass
@@ -124,7 +127,7 @@ def search_hyperparameters(train: Tuple[Tensor, Tensor], val: Tuple[Tensor, Tens
     grid = [(lr, wd) for lr in settings.learning_rates for wd in settings.weight_decays]
     heads = train_heads(*train, num_classes, grid, settings, init)
     metric_fn = get_metric(metric)
-    search = [{'lr': lr, 'weight_decay': wd, 'value': metric_fn(head_scores(val[0], head), val[1])}
+    search = [{'lr': lr, 'weight_decay': wd, 'value': metric_fn(head_scores(val[0], head), val[1].cpu())}
               for (lr, wd), head in zip(grid, heads)]
     best = max(search, key=lambda r: (r['value'], r['weight_decay'], -r['lr']))
     return (best['lr'], best['weight_decay']), search
@@ -140,9 +143,9 @@ def linear_probe(train: Tuple[Tensor, Tensor], val: Tuple[Tensor, Tensor], test:
                 f'({metric} {max(r["value"] for r in search):.2f})')
     features, labels = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
     head, = train_heads(features, labels, num_classes, [(lr, wd)], settings, init)
-    scores = head_scores(test[0], head)
-    return LinearProbeResult(metric=metric, value=get_metric(metric)(scores, test[1]),
-                             top1=accuracy(scores, test[1]), lr=lr, weight_decay=wd,
+    scores, targets = head_scores(test[0], head), test[1].cpu()
+    return LinearProbeResult(metric=metric, value=get_metric(metric)(scores, targets),
+                             top1=accuracy(scores, targets), lr=lr, weight_decay=wd,
                              num_train=len(labels), num_test=len(test[1]), search=search)
 
 
@@ -169,17 +172,18 @@ def run_linear_probe(encoder: Encoder, train_path: str, val_path: str, test_path
         if folder.classes != folders['train'].classes:
             raise ValueError(f'the {name} split {folder.root} has other class folders than train '
                              f'{folders["train"].root}')
-    splits = {name: (encoder.cached_images(folder.paths, folder.labels, cache, desc=f'{name} features').cpu(),
-                     torch.tensor(folder.labels)) for name, folder in folders.items()}
+    # The heads train where the features are: on the GPU when there is one.
+    splits = {name: (encoder.cached_images(folder.paths, folder.labels, cache, desc=f'{name} features'),
+                     torch.tensor(folder.labels, device=encoder.device)) for name, folder in folders.items()}
     if 'test' in splits:
         search_train, search_val, test = splits['train'], splits['val'], splits['test']
     else:
-        kept, held = balanced_split(splits['train'][1], seed=settings.seed)
+        kept, held = (i.to(encoder.device) for i in balanced_split(splits['train'][1].cpu(), seed=settings.seed))
         search_train = tuple(t[kept] for t in splits['train'])
         search_val = tuple(t[held] for t in splits['train'])
         test = splits['val']
     init = HeadInit()
     if init_head == 'text':
         classnames = dataset_classnames(folders['train'], classnames_file)
-        init = HeadInit(weight=(encoder.logit_scale * class_embeddings(encoder, classnames, templates)).cpu())
+        init = HeadInit(weight=encoder.logit_scale * class_embeddings(encoder, classnames, templates))
     return linear_probe(search_train, search_val, test, len(folders['train'].classes), metric, settings, init)
