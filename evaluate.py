@@ -149,8 +149,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', help='folder for the results files')
     parser.add_argument('--batch-size', type=int, help='images per batch and process (default DATA.BATCH_SIZE)')
     parser.add_argument('--num-workers', type=int, help='data loading workers (default DATA.NUM_WORKERS)')
-    parser.add_argument('--amp', choices=[level for level in AMP_LEVELS if level], help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on "
-                        "CUDA); default: the config's AMP_OPT_LEVEL, as training validates")
+    parser.add_argument('--amp', choices=[level for level in AMP_LEVELS if level],
+                        help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on CUDA); default: the config's "
+                        "AMP_OPT_LEVEL, as training validates")
     parser.add_argument('--device', help='e.g. cpu or cuda:0 (default: cuda when available)')
     parser.add_argument('--opts', nargs='+', help='config overrides: KEY VALUE pairs')
 
@@ -189,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--test-path', help='ImageFolder tree the result is reported on')
     probe.add_argument('--init-head', choices=INIT_HEADS, default='zero',
                        help='start the head at zero or at the zero-shot classifier (text)')
-    probe.add_argument('--lrs', type=float, nargs='+', default=list(DEFAULT_LEARNING_RATES), help='searched learning rates')
+    probe.add_argument('--lrs', type=float, nargs='+', default=list(DEFAULT_LEARNING_RATES),
+                       help='searched learning rates')
     probe.add_argument('--weight-decays', type=float, nargs='+', default=list(DEFAULT_WEIGHT_DECAYS),
                        help='searched L2 weight decays')
     probe.add_argument('--epochs', type=int, default=30, help='epochs over the cached features per fit')

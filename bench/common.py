@@ -1,0 +1,56 @@
+"""Shared by the benchmarks: the machine they ran on, a child process per case (so each peak memory is its
+own), and the table they print."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine() -> Dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    info = {'cpu': cpu, 'cores': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version(),
+            'threads': torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_child(script: str, args: Sequence[str], timeout: int = 1800) -> Dict:
+    """Run `script` with `args` in a fresh interpreter; it prints one JSON line last."""
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+    if result.returncode != 0:
+        return {'error': (result.stderr or result.stdout).strip().splitlines()[-1:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(header: List[str], rows: List[List[object]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+    lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def write_results(name: str, content: Dict) -> str:
+    path = os.path.join(ROOT, 'bench', 'results', f'{name}.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(content, f, indent=1)
+    return path

@@ -1,0 +1,60 @@
+"""Figures for reports, drawn headless (matplotlib's Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from .scalars import Series  # noqa: E402
+
+
+def _save(figure, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_training_curves(scalars: Dict[str, Series], path: str) -> str:
+    """Three panels: training loss (logged steps and epoch means), learning rate, zero-shot Acc@1 per epoch."""
+    figure, (loss_ax, lr_ax, acc_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    if 'train/loss' in scalars:
+        steps, values = zip(*scalars['train/loss'])
+        loss_ax.plot(steps, values, lw=1, alpha=0.6, label='logged steps')
+    if 'train/epoch_loss' in scalars and 'train/loss' in scalars:
+        # epoch means drawn at each epoch's last logged step, on the same axis as the step losses
+        epochs = [e for e, _ in scalars['train/epoch_loss']]
+        last_step = max(s for s, _ in scalars['train/loss'])
+        per_epoch = last_step / (max(epochs) + 1)
+        loss_ax.plot([(e + 1) * per_epoch for e in epochs], [v for _, v in scalars['train/epoch_loss']], 'o-',
+                     label='epoch mean')
+    loss_ax.set(title='training loss (UniCL)', xlabel='optimizer step', ylabel='loss')
+    loss_ax.legend()
+    if 'train/lr' in scalars:
+        lr_ax.plot(*zip(*scalars['train/lr']))
+    lr_ax.set(title='learning rate', xlabel='optimizer step', ylabel='lr')
+    if 'val/acc1' in scalars:
+        acc_ax.plot(*zip(*scalars['val/acc1']), 'o-')
+    acc_ax.set(title='zero-shot Acc@1 (validation)', xlabel='epoch', ylabel='Acc@1 (%)')
+    for ax in (loss_ax, lr_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_runs(curves: Dict[str, Sequence[float]], path: str, title: str, ylabel: str,
+              chance: float = None) -> str:
+    """One line per run over epochs 1..N (e.g. zero-shot Acc@1 of each ablation run and seed)."""
+    figure, ax = plt.subplots(figsize=(8, 5))
+    for label, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, 'o-', label=label, ms=3)
+    if chance is not None:
+        ax.axhline(chance, color='grey', ls='--', lw=1, label=f'chance ({chance:g})')
+    ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
