@@ -35,7 +35,7 @@ text-feature gradients over ranks, so the gradients add up to exactly dL.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -241,14 +241,22 @@ def _spans(n: int, tile: int) -> Iterator[slice]:
     return (slice(i, min(i + tile, n)) for i in range(0, n, tile))
 
 
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Lower clamp for exponents: exp of anything below it would be subnormal or 0.
+def _exp_floor(dtype: torch.dtype, lowest: float) -> Optional[float]:
+    """Lower clamp for exponents (exp of anything below would be subnormal or 0), or None if unneeded.
 
     CPU exp is ~20x slower on inputs whose result is subnormal or underflows (common at logit scale
     100). exp(floor) is ~3 * the smallest normal number, so clamping changes each softmax term by
-    less than that, far below rounding error of any sum that contains the peak term 1.
+    less than that, far below the rounding error of any sum that contains the peak term 1. When
+    ``lowest``, a lower bound on every exponent, is above the floor, clamping would change nothing
+    and its pass over each tile is skipped (normalized features and logit scales up to ~40).
     """
-    return math.log(torch.finfo(dtype).tiny) + 1.0
+    floor = math.log(torch.finfo(dtype).tiny) + 1.0
+    return floor if lowest < floor else None
+
+
+def _logit_bound(scaled_queries: Tensor, keys: Tensor) -> float:
+    """An upper bound on every |logit|: |q . k| <= |q| |k|."""
+    return (scaled_queries.norm(dim=1).max() * keys.norm(dim=1).max()).item()
 
 
 class _TileBuffers:
@@ -274,7 +282,8 @@ def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[L
     row_total = scaled_queries.new_zeros(n_rows)
     col_total = scaled_queries.new_zeros(n_cols)
     buffers = _TileBuffers(min(tile, n_rows), min(tile, n_cols), scaled_queries)
-    floor = _exp_floor(scaled_queries.dtype)
+    # Exponents are logits minus a running peak, so at least -2 * bound.
+    floor = _exp_floor(scaled_queries.dtype, -2 * _logit_bound(scaled_queries, keys))
     for c in _spans(n_cols, tile):
         for r in _spans(n_rows, tile):
             logits, work = buffers.views(r.stop - r.start, c.stop - c.start)
@@ -284,10 +293,12 @@ def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[L
     return (row_peak, row_total.log_()), (col_peak, col_total.log_())
 
 
-def _accumulate(peak: Tensor, total: Tensor, logits: Tensor, dim: int, work: Tensor, floor: float) -> None:
+def _accumulate(
+    peak: Tensor, total: Tensor, logits: Tensor, dim: int, work: Tensor, floor: Optional[float]
+) -> None:
     """Fold ``sum(exp(logits), dim)`` into the running ``total * exp(peak)``, in place; ``work`` is scratch."""
     new_peak = torch.maximum(peak, logits.amax(dim))
-    tile_total = torch.sub(logits, new_peak.unsqueeze(dim), out=work).clamp_min_(floor).exp_().sum(dim)
+    tile_total = _exp_(torch.sub(logits, new_peak.unsqueeze(dim), out=work), floor).sum(dim)
     total.mul_((peak - new_peak).exp_()).add_(tile_total)
     peak.copy_(new_peak)
 
@@ -313,7 +324,9 @@ def _logsumexp_grads(
     grad_queries = torch.zeros_like(scaled_queries)
     grad_keys = torch.zeros_like(keys)
     buffers = _TileBuffers(min(tile, n_rows), min(tile, n_cols), scaled_queries)
-    floor = _exp_floor(scaled_queries.dtype)
+    # Exponents are logits minus a log-sum-exp, so at least -bound - the largest log-sum-exp.
+    largest_lse = max((rows[0] + rows[1]).max().item(), (cols[0] + cols[1]).max().item())
+    floor = _exp_floor(scaled_queries.dtype, -_logit_bound(scaled_queries, keys) - largest_lse)
     for c in _spans(n_cols, tile):
         for r in _spans(n_rows, tile):
             logits, probs = buffers.views(r.stop - r.start, c.stop - c.start)
@@ -325,7 +338,15 @@ def _logsumexp_grads(
     return grad_queries, grad_keys
 
 
-def _softmax(logits: Tensor, peak: Tensor, log_total: Tensor, dim: int, out: Tensor, floor: float) -> Tensor:
+def _softmax(
+    logits: Tensor, peak: Tensor, log_total: Tensor, dim: int, out: Tensor, floor: Optional[float]
+) -> Tensor:
     """``exp(logits - lse)`` along ``dim`` into ``out`` (which may be ``logits`` itself)."""
-    shifted = torch.sub(logits, peak.unsqueeze(dim), out=out).sub_(log_total.unsqueeze(dim))
-    return shifted.clamp_min_(floor).exp_()
+    return _exp_(torch.sub(logits, peak.unsqueeze(dim), out=out).sub_(log_total.unsqueeze(dim)), floor)
+
+
+def _exp_(exponents: Tensor, floor: Optional[float]) -> Tensor:
+    """``exp`` in place, exponents first clamped to ``floor`` unless it is None (see ``_exp_floor``)."""
+    if floor is not None:
+        exponents.clamp_min_(floor)
+    return exponents.exp_()
