@@ -165,10 +165,7 @@ def _local_loss_sum(
     img: Tensor, txt: Tensor, labels: Tensor, scale: Tensor, sizes: List[int], tile: int
 ) -> Tensor:
     """Sum of l_i2t over this rank's images plus l_t2i over this rank's texts."""
-    dim = img.shape[1]
-    # One gather for both modalities: half the collectives, and a single
-    # backward all_reduce whose order cannot differ between ranks.
-    all_img, all_txt = all_gather_with_grad(torch.cat([img, txt], dim=1), sizes).split(dim, dim=1)
+    all_img, all_txt = _gather_features(img, txt, sizes)
     all_labels = all_gather_no_grad(labels, sizes)
 
     _, group, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
@@ -181,6 +178,17 @@ def _local_loss_sum(
         txt * _group_means(all_img, group, counts)[own_group]
     ).sum()
     return log_sum_exps - scale * positives
+
+
+def _gather_features(img: Tensor, txt: Tensor, sizes: List[int]) -> Tuple[Tensor, Tensor]:
+    """Image and text features of all ranks, in rank order, with gradients through the gather."""
+    if len(sizes) == 1:
+        # The concatenation below would copy both modalities (and their gradients) for nothing.
+        return img, txt
+    # One gather for both modalities: half the collectives, and a single
+    # backward all_reduce whose order cannot differ between ranks.
+    dim = img.shape[1]
+    return all_gather_with_grad(torch.cat([img, txt], dim=1), sizes).split(dim, dim=1)
 
 
 def _group_means(features: Tensor, group: Tensor, counts: Tensor) -> Tensor:
