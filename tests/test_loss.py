@@ -89,6 +89,17 @@ def test_autocast_bf16_computes_logits_in_float32() -> None:
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
 
 
+def test_backward_inside_autocast_stays_float32() -> None:
+    img, txt = random_batch(len(REPEATED), 32, torch.float32, seed=2)
+    scale = torch.tensor(50.0)
+    ref = value_and_grads(dense_unicl, img.double(), txt.double(), REPEATED, scale.double())
+
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        ours = value_and_grads(UniCLLoss(tile_size=4), img, txt, REPEATED, scale)
+
+    assert_all_close(ours, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("img_shape", "txt_shape", "labels"),
     [
