@@ -189,9 +189,9 @@ def test_no_batch_by_batch_tensor_is_saved_for_backward() -> None:
 def test_tile_size_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_tile_size(3, torch.float32, cpu) == 3
-    # A 16 MiB tile on CPU: 2048^2 float32, and the largest multiple of 128 below 1448^2 float64.
-    assert resolve_tile_size(0, torch.float32, cpu) == 2048
-    assert resolve_tile_size(0, torch.float64, cpu) == 1408
+    # A 64 MiB tile on CPU: 4096^2 float32, and the largest multiple of 128 below 2896^2 float64.
+    assert resolve_tile_size(0, torch.float32, cpu) == 4096
+    assert resolve_tile_size(0, torch.float64, cpu) == 2816
 
     def cuda_tile(free: int, reserved: int, allocated: int) -> int:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
