@@ -241,7 +241,7 @@ class _TiledLogSumExp(torch.autograd.Function):
 # A log-sum-exp kept as (peak, log_total), its value peak + log_total. Subtracting the two parts one
 # after the other keeps the precision of S - lse: with logits of order 100 (logit scale 100) a rounded
 # fp32 sum peak + log_total is off by up to 4e-6, which exp turns into a relative error of the softmax.
-LogSumExp = Tuple[Tensor, Tensor]
+_LogSumExp = Tuple[Tensor, Tensor]
 
 
 def _spans(n: int, tile: int) -> Iterator[slice]:
@@ -279,7 +279,7 @@ class _TileBuffers:
         return self.logits[:n].view(rows, cols), self.work[:n].view(rows, cols)
 
 
-def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[LogSumExp, LogSumExp]:
+def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[_LogSumExp, _LogSumExp]:
     """Row log-sum-exps of ``scaled_queries @ keys.T`` and its column log-sum-exps over these rows.
 
     One GEMM per tile serves both directions; each running statistic is updated online.
@@ -311,7 +311,7 @@ def _accumulate(
     peak.copy_(new_peak)
 
 
-def _combine_over_ranks(cols: LogSumExp) -> LogSumExp:
+def _combine_over_ranks(cols: _LogSumExp) -> _LogSumExp:
     """Column log-sum-exps over the rows of all ranks, from each rank's ones over its own rows."""
     world = get_world_size()
     if world == 1:
@@ -322,7 +322,7 @@ def _combine_over_ranks(cols: LogSumExp) -> LogSumExp:
 
 
 def _logsumexp_grads(
-    scaled_queries: Tensor, keys: Tensor, rows: LogSumExp, cols: LogSumExp, tile: int
+    scaled_queries: Tensor, keys: Tensor, rows: _LogSumExp, cols: _LogSumExp, tile: int
 ) -> Tuple[Tensor, Tensor]:
     """Gradients of (all row + all column log-sum-exps) w.r.t. ``scaled_queries`` and ``keys``.
 
