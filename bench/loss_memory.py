@@ -9,10 +9,12 @@ Three losses on the same inputs (D = 512, L2-normalized, half the labels repeate
   unicl        loss.UniCLLoss (tiled, exact)
 Every (loss, B) runs in a fresh child process, so peak RSS belongs to that case alone: added memory is
 the peak RSS (ru_maxrss) minus the RSS once the inputs exist, i.e. everything forward and backward
-allocate, gradients included. Time is one forward + backward after a small warm-up call.
+allocate, gradients included. Time is forward + backward after a small warm-up call, the fastest of
+--repeats calls up to B = 16384 (larger cases run once). The machine's 1-minute load average before each
+case is recorded: on a shared machine the times are only as good as the quiet they got.
 
 Memory safety: a dense case whose estimated need (quadratic in B, from the smaller sizes measured in the
-same run) does not fit in MemAvailable with 2 GB to spare is skipped and reported as not measured, and
+same run) does not fit in MemAvailable with 3 GB to spare is skipped and reported as not measured, and
 each child's data segment is capped below MemAvailable, so an allocation fails instead of waking the
 OOM killer on a shared machine. Results go to --output (JSON) and a markdown table to stdout.
 """
@@ -40,7 +42,9 @@ from loss import UniCLLoss  # noqa: E402
 LOSS_NAMES = ('clip', 'dense_unicl', 'unicl')
 DIM = 512
 GIB = 2**30
-SPARE_BYTES = 2 * GIB
+SPARE_BYTES = 3 * GIB
+# Cases up to this batch are timed --repeats times (the fastest counts); larger ones once.
+REPEAT_UP_TO = 16384
 
 
 # ---------------------------------------------------------------------------------------- the losses
@@ -85,26 +89,31 @@ def make_inputs(n: int, scale: float, seed: int = 0):
     return img, txt, labels, torch.tensor(scale, requires_grad=True)
 
 
-def run_case(name: str, n: int, scale: float, tile: int) -> Dict[str, float]:
+def run_case(name: str, n: int, scale: float, tile: int, repeats: int) -> Dict[str, float]:
     loss_fn = build_loss(name, tile)
     warm = make_inputs(256, scale)
     loss_fn(*warm).backward()  # thread pool, kernels: not part of the measurement
     del warm
     inputs = make_inputs(n, scale)
     baseline = rss_bytes()
-    start = time.perf_counter()
-    loss = loss_fn(*inputs)
-    loss.backward()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        for t in (inputs[0], inputs[1], inputs[3]):
+            t.grad = None  # each call allocates its gradients afresh, as the first one did
+        start = time.perf_counter()
+        loss = loss_fn(*inputs)
+        loss.backward()
+        times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {'seconds': seconds, 'added_bytes': peak - baseline, 'loss': loss.item()}
+    return {'seconds': min(times), 'all_seconds': times, 'added_bytes': peak - baseline, 'loss': loss.item()}
 
 
-def child_main(name: str, n: int, scale: float, tile: int, threads: int, data_limit: int) -> None:
-    if data_limit > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
-    torch.set_num_threads(threads)
-    print(json.dumps(run_case(name, n, scale, tile)))
+def child_main(name: str, n: int, args) -> None:
+    if args.data_limit > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (args.data_limit, args.data_limit))
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats if n <= REPEAT_UP_TO else 1
+    print(json.dumps(run_case(name, n, args.logit_scale, args.tile, repeats)))
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -139,7 +148,7 @@ def measure(name: str, n: int, args, done: List[Dict]) -> Dict:
         record['skipped'] = f'needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available'
         return record
     command = [sys.executable, os.path.abspath(__file__), '--child', name, str(n), '--threads', str(args.threads),
-               '--tile', str(args.tile), '--logit-scale', str(args.logit_scale),
+               '--tile', str(args.tile), '--logit-scale', str(args.logit_scale), '--repeats', str(args.repeats),
                '--data-limit', str(available - SPARE_BYTES)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -174,12 +183,14 @@ def main(argv=None) -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--tile', type=int, default=0, help='UniCLLoss tile_size (0: automatic)')
     parser.add_argument('--logit-scale', type=float, default=1 / 0.07)
+    parser.add_argument('--repeats', type=int, default=2,
+                        help=f'timed calls per case up to B = {REPEAT_UP_TO}, the fastest counts (larger: one)')
     parser.add_argument('--output', default=os.path.join(ROOT, 'bench', 'results', 'loss_memory.json'))
     parser.add_argument('--child', nargs=2, metavar=('LOSS', 'B'), help=argparse.SUPPRESS)
     parser.add_argument('--data-limit', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child_main(args.child[0], int(args.child[1]), args.logit_scale, args.tile, args.threads, args.data_limit)
+        child_main(args.child[0], int(args.child[1]), args)
         return
 
     cases = [(name, n) for n in args.sizes for name in args.losses]
@@ -190,7 +201,7 @@ def main(argv=None) -> None:
         print(json.dumps(records[-1]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     result = {'machine': machine(), 'dim': DIM, 'threads': args.threads, 'tile_size': args.tile,
-              'logit_scale': args.logit_scale, 'records': records}
+              'logit_scale': args.logit_scale, 'repeats': args.repeats, 'records': records}
     with open(args.output, 'w', encoding='utf-8') as f:
         json.dump(result, f, indent=1)
     print(f"\n{result['machine']}, {args.threads} threads, D = {DIM}\n")
