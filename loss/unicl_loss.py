@@ -25,8 +25,8 @@ in the batch (features, their gradients, two tiles), not quadratic.
 Distributed: rank r evaluates the rows of S that belong to its images (its
 images against all gathered texts, one GEMM per tile). That gives the row
 log-sum-exps of its images and a partial log-sum-exp over its rows for every
-column; one all_gather of these N numbers completes the column statistics on
-every rank. Rank r's share L_r (its rows' l_i2t plus its texts' l_t2i, over
+column; one all_gather of these (2 numbers per column) completes the column
+statistics on every rank. Rank r's share L_r (its rows' l_i2t plus its texts' l_t2i, over
 2N) sums over ranks to L. The gradient of the log-sum-exp terms w.r.t. every
 logit of rank r's rows is computed on rank r; the gather's backward sums the
 text-feature gradients over ranks, so the gradients add up to exactly dL.
@@ -52,8 +52,8 @@ from utils.distributed import (
 
 # Tile edges are rounded to this many rows/columns: GEMMs run at full speed on aligned shapes.
 _TILE_ALIGN = 128
-# On CPU one T x T tile gets this many bytes (two are live). On the 2-core benchmark machine, B = 16384:
-# 0.73x ClipLoss's time with 16 MiB tiles, 0.58x with 64 MiB (fewer, longer passes over the tiles).
+# On CPU one T x T tile gets this many bytes (two are live). On the shared 2-core benchmark machine,
+# B = 16384, alternating runs: 0.73x ClipLoss's time with 16 MiB tiles, 0.58x with 64 MiB (fewer ops).
 _CPU_TILE_BYTES = 64 * 2**20
 # On CUDA one tile gets this share of the memory free for new tensors, within these bounds.
 _CUDA_TILE_SHARE = 16
@@ -71,7 +71,8 @@ class UniCLLoss(nn.Module):
     ``loss.backward()`` every rank holds exactly the gradient of the global
     loss. Without DDP (single process, world_size 1) both are plain L.
 
-    The value/gradient split costs one extra scalar all_reduce per step.
+    The value/gradient split costs one extra scalar all_reduce per step; the
+    column statistics one all_gather of 2 numbers per pair of the global batch.
 
     Args:
         tile_size: edge T of the T x T logit tiles the loss is computed in; 0 chooses it from the device
@@ -217,7 +218,9 @@ class _TiledLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, own: slice, tile: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, queries: Tensor, keys: Tensor, scale: Tensor, own: slice, tile: int
+    ) -> Tensor:
         rows, cols = _logsumexp_stats(queries * scale, keys, tile)
         cols = _combine_over_ranks(cols)
         ctx.save_for_backward(queries, keys, scale, *rows, *cols)
