@@ -209,7 +209,7 @@ class Trainer:
                 self.ddp = DistributedDataParallel(
                     self.model, device_ids=[device.index] if device.type == 'cuda' else None,
                     broadcast_buffers=False)
-        self.criterion = UniCLLoss()
+        self.criterion = UniCLLoss(tile_size=config.TRAIN.LOSS_TILE_SIZE)
         self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
         self.progress = Progress()
         self.loader = None

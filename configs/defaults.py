@@ -124,6 +124,9 @@ _C.TRAIN.SAVE_STEPS = 0
 _C.TRAIN.KEEP_CHECKPOINTS = 3
 # added: on a non-finite loss, 'stop' the run (the last checkpoint stays good) or 'skip' the step.
 _C.TRAIN.NAN_POLICY = 'stop'
+# added: UniCLLoss computes the logits in T x T tiles and never holds the B x N matrix; this is T. Any value
+# gives the same loss and gradients; 0 picks it from the device (64 MiB tiles on CPU, up to 1 GiB on CUDA).
+_C.TRAIN.LOSS_TILE_SIZE = 0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'

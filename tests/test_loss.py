@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loss import UniCLLoss
+from loss.unicl_loss import resolve_tile_size
 from utils.distributed import all_gather_with_grad, get_world_size, init_distributed, is_dist
 
 
@@ -36,6 +37,18 @@ def random_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> Tuple[Ten
 REPEATED = torch.tensor([3, 7, 3, 100, 7, 3, 101, 102, 7, 5])
 
 
+def value_and_grads(fn, img: Tensor, txt: Tensor, labels: Tensor, scale: Tensor) -> Tuple[Tensor, ...]:
+    """Loss and its gradients w.r.t. image features, text features and logit scale."""
+    leaves = [t.clone().requires_grad_(True) for t in (img, txt, scale)]
+    value = fn(leaves[0], leaves[1], labels, leaves[2])
+    return (value.detach(), *torch.autograd.grad(value, leaves))
+
+
+def assert_all_close(ours: Tuple[Tensor, ...], ref: Tuple[Tensor, ...], atol: float) -> None:
+    for name, a, b in zip(("loss", "d_img", "d_txt", "d_scale"), ours, ref):
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_distinct_labels_equal_clip_loss() -> None:
     img, txt = random_batch(12, 16, torch.float64)
     scale = torch.tensor(14.3, dtype=torch.float64)
@@ -55,16 +68,10 @@ def test_repeated_labels_match_dense_reference_value_and_grads(dtype: torch.dtyp
     img, txt = random_batch(len(REPEATED), 8, dtype, seed=1)
     scale = torch.tensor(10.0, dtype=dtype)
 
-    def value_and_grads(fn) -> Tuple[Tensor, ...]:
-        leaves = [t.clone().requires_grad_(True) for t in (img, txt, scale)]
-        value = fn(leaves[0], leaves[1], REPEATED, leaves[2])
-        return (value.detach(), *torch.autograd.grad(value, leaves))
+    ours = value_and_grads(UniCLLoss(), img, txt, REPEATED, scale)
+    ref = value_and_grads(dense_unicl, img, txt, REPEATED, scale)
 
-    ours = value_and_grads(UniCLLoss())
-    ref = value_and_grads(dense_unicl)
-
-    for name, a, b in zip(("loss", "d_img", "d_txt", "d_scale"), ours, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_all_close(ours, ref, atol)
 
 
 def test_autocast_bf16_computes_logits_in_float32() -> None:
@@ -80,6 +87,17 @@ def test_autocast_bf16_computes_logits_in_float32() -> None:
 
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+
+
+def test_backward_inside_autocast_stays_float32() -> None:
+    img, txt = random_batch(len(REPEATED), 32, torch.float32, seed=2)
+    scale = torch.tensor(50.0)
+    ref = value_and_grads(dense_unicl, img.double(), txt.double(), REPEATED, scale.double())
+
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        ours = value_and_grads(UniCLLoss(tile_size=4), img, txt, REPEATED, scale)
+
+    assert_all_close(ours, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +122,94 @@ def test_single_process_helpers_are_local(monkeypatch: pytest.MonkeyPatch) -> No
     assert all_gather_with_grad(t) is t
 
 
+# ---------------------------------------------------------------- tiled computation
+
+LABEL_CASES = {
+    "unique": torch.arange(10),
+    "repeated": REPEATED,
+    "all-same": torch.full((10,), 4),
+}
+
+
+@pytest.mark.parametrize("tile", [1, 3, 10, 0], ids=["tile1", "tile3-ragged", "tile10-whole", "tile-auto"])
+@pytest.mark.parametrize("labels", LABEL_CASES.values(), ids=LABEL_CASES.keys())
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"]
+)
+def test_tiled_loss_equals_dense_definition(dtype: torch.dtype, atol: float, labels: Tensor, tile: int) -> None:
+    img, txt = random_batch(10, 8, dtype, seed=3)
+    scale = torch.tensor(14.3, dtype=dtype)
+    # The reference runs in float64 on the same inputs: it is the exact value the float32 result
+    # must approach, not a second float32 computation with rounding errors of its own.
+    ref = value_and_grads(dense_unicl, img.double(), txt.double(), labels, scale.double())
+
+    assert_all_close(value_and_grads(UniCLLoss(tile_size=tile), img, txt, labels, scale), ref, atol)
+
+
+@pytest.mark.parametrize("labels", LABEL_CASES.values(), ids=LABEL_CASES.keys())
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"]
+)
+def test_tiled_loss_at_logit_scale_100(dtype: torch.dtype, atol: float, labels: Tensor) -> None:
+    # Pairs aligned as after training, when the scale reaches 100: the loss is then O(1). (With
+    # unrelated features it is ~60, whose float32 spacing alone is 4e-6.) Logits reach 100, so
+    # exp(S - lse) spans far below float32's normal range and the clamping of tiny terms is exercised.
+    img, noise = random_batch(10, 8, torch.float64, seed=4)
+    txt = F.normalize(img + 0.3 * noise, dim=1)
+    img, txt, scale = img.to(dtype), txt.to(dtype), torch.tensor(100.0, dtype=dtype)
+    ref = value_and_grads(dense_unicl, img.double(), txt.double(), labels, scale.double())
+
+    assert_all_close(value_and_grads(UniCLLoss(tile_size=3), img, txt, labels, scale), ref, atol)
+
+
+def test_no_batch_by_batch_tensor_is_saved_for_backward() -> None:
+    n, d = 256, 4  # n * n = 65536 logits, n * d = 1024 features per modality
+    img, txt = random_batch(n, d, torch.float32, seed=5)
+    labels = torch.arange(n) % 100
+
+    def largest_saved(fn) -> int:
+        sizes: List[int] = []
+
+        def pack(t: Tensor) -> Tensor:
+            sizes.append(t.numel())
+            return t
+
+        leaves = [t.clone().requires_grad_(True) for t in (img, txt, torch.tensor(10.0))]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(leaves[0], leaves[1], labels, leaves[2])
+        loss.backward()
+        return max(sizes)
+
+    # The check can see a logit matrix: the dense definition saves several.
+    assert largest_saved(dense_unicl) >= n * n
+    # Ours saves features (at most the [n, 2d] concatenation of both) and per-row/column statistics.
+    assert largest_saved(UniCLLoss(tile_size=16)) <= 2 * n * d
+
+
+def test_tile_size_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_tile_size(3, torch.float32, cpu) == 3
+    # A 64 MiB tile on CPU: 4096^2 float32, and the largest multiple of 128 below 2896^2 float64.
+    assert resolve_tile_size(0, torch.float32, cpu) == 4096
+    assert resolve_tile_size(0, torch.float64, cpu) == 2816
+
+    def cuda_tile(free: int, reserved: int, allocated: int) -> int:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocated)
+        return resolve_tile_size(0, torch.float32, cuda)
+
+    # 1/16 of the free memory (the allocator's unused cache counts as free), within [64 MiB, 1 GiB].
+    assert cuda_tile(free=3 * 2**30, reserved=2 * 2**30, allocated=2**30) == 8192  # 256 MiB
+    assert cuda_tile(free=70 * 2**30, reserved=0, allocated=0) == 16384  # capped at 1 GiB
+    assert cuda_tile(free=2**28, reserved=0, allocated=0) == 4096  # floor of 64 MiB
+
+
+def test_rejects_negative_tile_size() -> None:
+    with pytest.raises(ValueError):
+        UniCLLoss(tile_size=-1)
+
+
 # ---------------------------------------------------------------- multi-process
 
 WORLD = 2
@@ -113,7 +219,10 @@ DIST_CASES: List[Tuple[List[int], List[int]]] = [
     ([0, 1, 2, 0, 3, 1, 0, 4], [4, 4]),
     ([5, 6, 5, 6, 7, 8, 5, 9], [3, 5]),
     (list(range(10, 16)), [3, 3]),
+    ([2] * 7, [4, 3]),
 ]
+# Automatic tiles (one tile per rank here), and 3 x 3 tiles with ragged edges on both axes.
+DIST_TILES = [0, 3]
 
 
 class TwoTower(nn.Module):
@@ -155,15 +264,16 @@ def _dist_worker(rank: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        results = []
-        for seed, (labels, sizes) in enumerate(DIST_CASES):
-            start = sum(sizes[:rank])
-            res = run_case(labels, seed, slice(start, start + sizes[rank]), UniCLLoss())
-            for key in [k for k in res if k.startswith("param.")]:
-                # What DDP does to parameter gradients.
-                dist.all_reduce(res[key])
-                res[key] /= WORLD
-            results.append(res)
+        results = {}
+        for tile in DIST_TILES:
+            for seed, (labels, sizes) in enumerate(DIST_CASES):
+                start = sum(sizes[:rank])
+                res = run_case(labels, seed, slice(start, start + sizes[rank]), UniCLLoss(tile_size=tile))
+                for key in [k for k in res if k.startswith("param.")]:
+                    # What DDP does to parameter gradients.
+                    dist.all_reduce(res[key])
+                    res[key] /= WORLD
+                results[tile, seed] = res
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -173,15 +283,17 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    for seed, (labels, sizes) in enumerate(DIST_CASES):
+    for (tile, seed), (labels, sizes) in [((t, i), c) for t in DIST_TILES for i, c in enumerate(DIST_CASES)]:
         ref = run_case(labels, seed, slice(None), dense_unicl)
+        single = run_case(labels, seed, slice(None), UniCLLoss(tile_size=tile))
         start = 0
         for rank in range(WORLD):
-            got = per_rank[rank][seed]
+            got = per_rank[rank][tile, seed]
             rows = slice(start, start + sizes[rank])
             start += sizes[rank]
-            where = f"case {seed} rank {rank}"
+            where = f"tile {tile} case {seed} rank {rank}"
             torch.testing.assert_close(got["loss"], ref["loss"], rtol=0, atol=1e-12, msg=where)
+            torch.testing.assert_close(got["loss"], single["loss"], rtol=0, atol=1e-12, msg=where)
             for key in [k for k in ref if k.startswith("param.")]:
                 torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-10, msg=f"{where} {key}")
             # Feature grads are world_size x the global-loss grads by design;
