@@ -18,11 +18,15 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 
 
 def expand_shards(pattern: str) -> List[str]:
-    """A directory (its *.tar, sorted), or brace patterns joined by '::' (webdataset's convention),
-    e.g. 'cc3m/{00000..00331}.tar::cc12m/{00000..01242}.tar'."""
-    if os.path.isdir(pattern):
-        return sorted(glob.glob(os.path.join(pattern, '*.tar')))
-    return [url for part in pattern.split('::') if part for url in braceexpand(part)]
+    """Shard urls of '::'-joined parts (webdataset's convention), each a folder (its *.tar, sorted), a
+    brace pattern or a url, e.g. 'gcc3m::gcc12m' or 'cc3m/{00000..00331}.tar::pipe:curl -s URL'."""
+    return [url for part in pattern.split('::') if part for url in _expand_part(part)]
+
+
+def _expand_part(part: str) -> List[str]:
+    if os.path.isdir(part):
+        return sorted(glob.glob(os.path.join(part, '*.tar')))
+    return list(braceexpand(part))
 
 
 def _is_local(url: str) -> bool:
