@@ -125,7 +125,9 @@ def build_focalnet(cfg) -> nn.Module:
         focal_levels=tuple(focal.FOCAL_LEVELS),
         focal_windows=tuple(focal.FOCAL_WINDOWS),
         use_overlap_down=focal.USE_CONV_EMBED,
-        use_post_norm=focal.USE_POSTLN,
+        # UniCL's FocalNet USE_POSTLN is the LayerNorm inside the modulation (`modulation.ln`), not timm's
+        # post-norm block (`use_post_norm`), which would move the block norms and drop `modulation.ln`.
+        use_post_norm_in_modulation=focal.USE_POSTLN,
         layerscale_value=1e-4 if focal.USE_LAYERSCALE else None,
         proj_drop_rate=cfg.DROP_RATE,
         drop_path_rate=cfg.DROP_PATH_RATE,

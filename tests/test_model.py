@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -82,3 +83,45 @@ def test_bad_model_configs():
 def test_logit_scale_init_configurable():
     model = build_unicl_model(tiny_config('MODEL.LOGIT_SCALE_INIT', '1.0'))
     assert model.logit_scale.exp().item() == pytest.approx(math.e)
+
+
+def _official_focalnet_layout(encoder_sd):
+    """UniCL's FocalNet naming, written independently of the converter: `patch_embed`, downsampling at the
+    end of stage i, `modulation.ln`, `gamma_1/2`, linear (not 1x1 conv) `f` and `proj`."""
+    out = {}
+    for key, value in encoder_sd.items():
+        key = key.replace('stem.', 'patch_embed.').replace('modulation.norm.', 'modulation.ln.')
+        key = re.sub(r'ls(\d)\.gamma', r'gamma_\1', key)
+        key = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', key)
+        if re.search(r'modulation\.(f|proj)\.weight$', key):
+            value = value.flatten(1)
+        out['image_encoder.' + key] = value.clone()
+    return out
+
+
+def test_focalnet_postln_is_the_modulation_norm_and_official_files_load(tmp_path):
+    from utils.checkpoint import CheckpointError, load_pretrained
+    opts = ['MODEL.IMAGE_ENCODER.TYPE', 'focalnet', 'MODEL.IMAGE_ENCODER.FOCAL.EMBED_DIM', '16',
+            'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.IMAGE_ENCODER.FOCAL.USE_LAYERSCALE', 'True']
+    torch.manual_seed(0)
+    source = build_unicl_model(tiny_config(*opts, 'MODEL.IMAGE_ENCODER.FOCAL.USE_POSTLN', 'True')).eval()
+    block = source.image_encoder.layers[0].blocks[0]
+    assert not isinstance(block.modulation.norm, torch.nn.Identity)  # the LayerNorm inside the modulation
+    assert not isinstance(block.norm1, torch.nn.Identity)  # the block stays pre-norm
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    encoder_sd = source.image_encoder.state_dict()
+    official = {**_official_focalnet_layout(encoder_sd),
+                **{k: v for k, v in source.state_dict().items() if not k.startswith('image_encoder.')}}
+    assert any('modulation.ln.' in k for k in official)
+    path = str(tmp_path / 'focalnet.pth')
+    torch.save({'model': official}, path)
+    target = build_unicl_model(tiny_config(*opts, 'MODEL.IMAGE_ENCODER.FOCAL.USE_POSTLN', 'True')).eval()
+    assert load_pretrained(target, path, 'focalnet').missing == []
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(source.encode_image(images), target.encode_image(images), atol=1e-5)
+    # An encoder built without the option would silently drop modulation.ln: refused.
+    with pytest.raises(CheckpointError, match='no place in this focalnet encoder.*modulation.norm'):
+        load_pretrained(build_unicl_model(tiny_config(*opts)), path, 'focalnet', strict=False)

@@ -194,6 +194,13 @@ def to_model_layout(state_dict: StateDict, model: nn.Module, image_type: str) ->
     image_sd, rest = _split(state_dict, 'image_encoder.')
     if image_sd:
         image_sd = get_image_encoder_entry(image_type).from_official(image_sd, model.image_encoder)
+        # A converted key the encoder lacks means the encoder is built differently from the file's (an
+        # option mapped wrong, say); loading the rest would give wrong features without an error.
+        dropped = sorted(set(image_sd) - set(model.image_encoder.state_dict()))
+        if dropped:
+            raise CheckpointError(f'{len(dropped)} image encoder weights of the file have no place in this '
+                                  f'{image_type} encoder (check MODEL.IMAGE_ENCODER): '
+                                  + ', '.join(dropped[:5]))
     rest.update({'image_encoder.' + k: v for k, v in image_sd.items()})
     return rest
 
