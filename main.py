@@ -153,12 +153,22 @@ def seed_everything(seed: int) -> None:
 # Signals: finish the step, save, exit
 # ----------------------------------------------------------------------------------------------------
 class StopRequest:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop saves a checkpoint and exits."""
+    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop saves a checkpoint and exits. A context
+    manager: the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = 0
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> 'StopRequest':
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -360,7 +370,8 @@ class Trainer:
                                  f'{last[-1] if last else "none (no checkpoint was saved yet)"}')
 
     def train_one_epoch(self, stop: StopRequest, writer) -> bool:
-        """Returns False when a signal asked the run to stop (after saving)."""
+        """Returns False when a signal asked the run to stop within the epoch (after saving). A signal that
+        arrives during the epoch's last step is left to `fit`, which ends the epoch first."""
         config, progress = self.config, self.progress
         self.loader.set_epoch(progress.epoch)
         self.model.train()
@@ -403,16 +414,18 @@ class Trainer:
                                         ('images_per_sec', images_per_sec)):
                         writer.add_scalar(f'train/{name}', value, progress.step)
                 window_start, window_steps = time.time(), 0
+            if step_in_epoch == self.steps_per_epoch:
+                # Leftover batches cannot fill an accumulation group. The epoch's end (its counter, its
+                # save, a pending stop) is `fit`'s: a checkpoint taken here, before the counter moves on,
+                # would resume with the data one epoch ahead of the training.
+                break
             signum = stop.agreed(self.device)
             if signum:
                 logger.warning(f'signal {signum}: saving at step {progress.step} and exiting')
                 self.save()
                 return False
-            if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0 \
-                    and step_in_epoch < self.steps_per_epoch:
+            if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0:
                 self.save()
-            if step_in_epoch == self.steps_per_epoch:
-                break  # leftover batches that cannot fill an accumulation group
         skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
         logger.info(f'epoch {progress.epoch} done: loss {loss_meter.avg:.4f}, grad_norm {norm_meter.avg:.3f}'
                     + (f', bad samples skipped {skipped}' if skipped else ''))
@@ -450,23 +463,29 @@ class Trainer:
     def fit(self) -> int:
         """Train to TRAIN.EPOCHS; returns the process exit code (non-zero after a stop signal)."""
         config, progress = self.config, self.progress
-        stop = StopRequest()
         writer = _tensorboard(config, self.rank)
         logger.info(f'training {config.TRAIN.EPOCHS} epochs x {self.steps_per_epoch} steps, global batch '
                     f'{self.global_batch}, autocast {self.amp_dtype}, {self.world_size} process(es)')
         start = time.time()
-        try:
-            while progress.epoch < config.TRAIN.EPOCHS:
-                if not self.train_one_epoch(stop, writer):
-                    return 128 + stop.signum
-                epoch = progress.epoch
-                progress.epoch += 1
-                if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS:
-                    self.save()
-                self.validate(writer)
-        finally:
-            if writer:
-                writer.close()
+        with StopRequest() as stop:
+            try:
+                while progress.epoch < config.TRAIN.EPOCHS:
+                    if not self.train_one_epoch(stop, writer):
+                        return 128 + stop.signum
+                    epoch = progress.epoch
+                    progress.epoch += 1
+                    signum = stop.agreed(self.device)
+                    steps_due = config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0
+                    if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS or steps_due or signum:
+                        self.save()
+                    if signum and progress.epoch < config.TRAIN.EPOCHS:
+                        logger.warning(f'signal {signum}: saved at the end of epoch {epoch} (step {progress.step}), '
+                                       f'exiting before its validation')
+                        return 128 + signum
+                    self.validate(writer)
+            finally:
+                if writer:
+                    writer.close()
         best = 'n/a' if progress.max_accuracy is None else f'{progress.max_accuracy:.2f}'
         logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start))}, '
                     f'best zero-shot Acc@1 {best}')

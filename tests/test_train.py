@@ -255,3 +255,49 @@ def test_trains_on_each_source(tiny_data, tmp_path, sources, extra):
     for _ in range(2):
         loss, grad_norm = trainer.optimizer_step([next(batches)])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
+
+
+def _sigterm_at(trainer, steps):
+    """Make `trainer` receive SIGTERM during each optimizer step whose number (1-based) is in `steps`."""
+    step = trainer.optimizer_step
+
+    def step_and_signal(batches):
+        result = step(batches)
+        if trainer.progress.step + 1 in steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    trainer.optimizer_step = step_and_signal
+    return trainer
+
+
+def _fit(data, out, *opts, sigterm_at=()):
+    trainer = _sigterm_at(_trainer(data, out, *opts), sigterm_at)
+    trainer.build_training()
+    trainer.resume()
+    return trainer.fit(), trainer
+
+
+def test_sigterms_at_any_step_end_like_the_uninterrupted_run(tiny_data, tmp_path, caplog):
+    """SIGTERM on an epoch's last step (8), mid-epoch (3, 11) and on the run's last step (16), each followed
+    by the same command: the same step count, epoch summaries and weights as an uninterrupted run."""
+    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '4', 'TRAIN.KEEP_CHECKPOINTS', '0')
+    code, straight = _fit(tiny_data, str(tmp_path / 'straight'), *opts)
+    assert code == 0 and straight.progress.step == 16
+    out, restarts = str(tmp_path / 'interrupted'), 0
+    caplog.set_level('INFO', logger='unicl.train')
+    for at in (3, 8, 11, 16, None):
+        code, trainer = _fit(tiny_data, out, *opts, sigterm_at={at})
+        if code == 0:
+            break
+        assert code == 128 + signal.SIGTERM and trainer.progress.step == at
+        restarts += 1
+    assert restarts == 3 and code == 0  # the signal during the last step finishes the run
+    assert (trainer.progress.epoch, trainer.progress.step) == (2, 16)
+    assert [r.message.split(':')[0] for r in caplog.records if ' done: ' in r.message] == [
+        'epoch 0 done', 'epoch 1 done']  # every epoch summarized once, none extra
+    saved = [int(os.path.basename(p)[11:20]) for p in CheckpointManager(_run_dir(out), keep=0).checkpoints()]
+    assert {4, 12, 16} <= set(saved)  # SAVE_STEPS went on firing after the restarts
+    reference = straight.model.state_dict()
+    for key, value in trainer.model.state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
