@@ -281,7 +281,12 @@ class Trainer:
             logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
 
     def resume(self) -> None:
-        """Continue from MODEL.RESUME ('latest' or a file), or the newest checkpoint with AUTO_RESUME."""
+        """Continue from MODEL.RESUME ('latest' or a file), or the newest checkpoint with AUTO_RESUME.
+
+        A MODEL.RESUME file that only holds weights (a release) initializes a new run; once the run has
+        checkpoints of its own, the newest of them wins (as the official AUTO_RESUME overrides RESUME), so
+        the same command started again (torchrun --max-restarts, a requeue) continues instead of restarting
+        from the release."""
         source = self.config.MODEL.RESUME
         path, state = None, None
         if source == 'latest' or (not source and self.config.TRAIN.AUTO_RESUME):
@@ -291,11 +296,17 @@ class Trainer:
                 return
         elif source:
             path, state = source, safe_load(resolve_source(source))
+            if 'optimizer' not in state and self.config.TRAIN.AUTO_RESUME:
+                own_path, own_state = self.checkpoints.load_latest()
+                if own_path is not None:
+                    logger.info(f'MODEL.RESUME {source} only initializes weights and this run has its own '
+                                f'checkpoints: taking the newest, {own_path}')
+                    path, state = own_path, own_state
         else:
             return
         if 'optimizer' not in state:  # a release file: weights only
             load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
-            logger.info(f'initialized the weights from {path}')
+            logger.info(f'initialized the weights from {path} (MODEL.RESUME); training starts at step 1')
             return
         self.model.load_state_dict(state['model'])
         self.optimizer.load_state_dict(state['optimizer'])

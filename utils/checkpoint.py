@@ -295,12 +295,23 @@ class CheckpointManager:
         return [os.path.join(self.directory, name) for _, name in sorted(found)]
 
     def save(self, state: Dict[str, Any], step: int) -> str:
+        """Write `state` as the checkpoint of `step`; then delete the oldest beyond `keep`, never this one
+        (checkpoints of higher steps may be left from an earlier attempt that went further)."""
         path = os.path.join(self.directory, f'checkpoint_{step:09d}.pth')
         save_atomic(state, path)
         self._remove_stale_temp_files()
-        for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
+        others = [p for p in self.checkpoints() if p != path]
+        later = [p for p in others if self._step(p) > step]
+        if later:
+            logger.warning(f'{len(later)} checkpoint(s) in {self.directory} are of later steps than {step}, '
+                           f'e.g. {later[-1]}; resuming picks the highest step')
+        for old in others[:len(others) - (self.keep - 1)] if self.keep > 0 else []:
             os.unlink(old)
         return path
+
+    @classmethod
+    def _step(cls, path: str) -> int:
+        return int(cls._NAME.match(os.path.basename(path)).group(1))
 
     def _remove_stale_temp_files(self) -> None:
         # A run killed while writing leaves its temp file; the one writer (rank 0) has just finished its own.
