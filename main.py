@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -104,6 +104,12 @@ def autocast_dtype(level: str, device: torch.device) -> Optional[torch.dtype]:
     raise ValueError(f"AMP_OPT_LEVEL {level!r} is unknown; use O0, O1, O2, bf16, fp16 or ''")
 
 
+class StepResult(NamedTuple):
+    loss: float  # the global loss, the same on all ranks
+    grad_norm: float
+    overflow: bool = False  # fp16: the GradScaler found inf/NaN gradients, skipped the step, lowered its scale
+
+
 # ----------------------------------------------------------------------------------------------------
 # State that a checkpoint carries beyond the weights
 # ----------------------------------------------------------------------------------------------------
@@ -113,6 +119,7 @@ class Progress:
     step: int = 0  # optimizer steps done since the start of training
     max_accuracy: Optional[float] = None  # best zero-shot Acc@1; None until a validation ran
     skipped_steps: int = 0  # steps dropped for a non-finite loss (TRAIN.NAN_POLICY skip)
+    overflow_steps: int = 0  # fp16 steps the GradScaler skipped for overflowing gradients
 
 
 def rng_state() -> Dict[str, Any]:
@@ -237,7 +244,7 @@ class Trainer:
         self.progress = Progress()
         self.loader = None
         self.optimizer = self.scheduler = None
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
 
     # -- setup ----------------------------------------------------------------------------------------
     def build_training(self) -> None:
@@ -345,29 +352,33 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
 
-    def optimizer_step(self, batches) -> Tuple[float, float]:
-        """(loss, grad norm) of one step over `batches`; the loss is the global one, the same on all ranks."""
+    def optimizer_step(self, batches) -> StepResult:
+        """One step over `batches`. A non-finite loss (or, without a GradScaler, gradient) leaves the weights
+        alone for `handle_nonfinite` to judge; an fp16 overflow is the GradScaler's normal skip."""
         losses = [self._micro_step(b, sync=i == len(batches) - 1) for i, b in enumerate(batches)]
         loss = torch.stack(losses).mean()
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), float('nan')
+            return StepResult(loss.item(), float('nan'))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.TRAIN.CLIP_GRAD or float('inf')
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not self.scaler and not torch.isfinite(grad_norm):  # GradScaler handles fp16 overflow itself
+        if not self.scaler and not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), grad_norm.item()
+            return StepResult(loss.item(), grad_norm.item())
+        overflow = False
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found inf/NaN gradients
             self.scaler.update()
+            overflow = self.scaler.get_scale() < scale  # the scale only goes down after a skipped step
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, self.config.MODEL.LOGIT_SCALE_MAX)
-        return loss.item(), grad_norm.item()
+        return StepResult(loss.item(), grad_norm.item(), overflow)
 
     # -- loops ----------------------------------------------------------------------------------------
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -396,9 +407,13 @@ class Trainer:
             if len(batches) < self.accumulation:
                 continue
             self.scheduler.step_update(progress.step)
-            loss, grad_norm = self.optimizer_step(batches)
+            loss, grad_norm, overflow = self.optimizer_step(batches)
             batches = []
-            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            if overflow:
+                progress.overflow_steps += 1
+                logger.info(f'fp16 gradient overflow at step {progress.step + 1}: step skipped, loss scale '
+                            f'now {self.scaler.get_scale():g} ({progress.overflow_steps} skipped so far)')
+            elif not (np.isfinite(loss) and np.isfinite(grad_norm)):
                 self.handle_nonfinite(loss, grad_norm)
             else:
                 loss_meter.update(loss)
@@ -439,6 +454,7 @@ class Trainer:
                 self.save()
         skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
         logger.info(f'epoch {progress.epoch} done: loss {loss_meter.avg:.4f}, grad_norm {norm_meter.avg:.3f}'
+                    + (f', fp16 overflow steps so far {progress.overflow_steps}' if self.scaler else '')
                     + (f', bad samples skipped {skipped}' if skipped else ''))
         if writer:
             writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)

@@ -54,7 +54,7 @@ def test_a_few_steps_lower_the_loss(tiny_data, tmp_path):
     before = loss_on(batch)
     trainer.model.train()
     for _ in range(12):
-        loss, grad_norm = trainer.optimizer_step([batch])
+        loss, grad_norm, _ = trainer.optimizer_step([batch])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
     assert loss_on(batch) < before - 0.3
 
@@ -253,7 +253,7 @@ def test_trains_on_each_source(tiny_data, tmp_path, sources, extra):
     trainer.build_training()
     batches = iter(trainer.loader)
     for _ in range(2):
-        loss, grad_norm = trainer.optimizer_step([next(batches)])
+        loss, grad_norm, _ = trainer.optimizer_step([next(batches)])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
 
 
@@ -338,3 +338,23 @@ def test_checkpoint_manager_never_deletes_the_checkpoint_it_wrote(tmp_path):
         assert os.path.exists(path)
     assert [os.path.basename(p) for p in manager.checkpoints()] == ['checkpoint_000000003.pth',
                                                                      'checkpoint_000000102.pth']
+
+
+def test_fp16_overflow_skips_are_counted_not_fatal(tiny_data, tmp_path, caplog):
+    """An fp16 GradScaler overflow skips the step and lowers the scale; the run goes on (NAN_POLICY stop)."""
+    trainer = _trainer(tiny_data, str(tmp_path / 'fp16'), 'AMP_OPT_LEVEL', 'fp16', 'TRAIN.EPOCHS', '1')
+    assert trainer.scaler is not None and trainer.scaler.is_enabled()  # on this device too (CPU here)
+    trainer.scaler = torch.amp.GradScaler(trainer.device.type, init_scale=2.0 ** 20)  # overflows at first
+    trainer.build_training()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    caplog.set_level('INFO', logger='unicl.train')
+    assert trainer.fit() == 0
+    assert 1 <= trainer.progress.overflow_steps < 8 and trainer.progress.skipped_steps == 0
+    assert trainer.scaler.get_scale() < 2.0 ** 20
+    assert sum('fp16 gradient overflow' in r.message for r in caplog.records) == trainer.progress.overflow_steps
+    assert not torch.equal(before['image_projection'], trainer.model.state_dict()['image_projection'])
+    # A real NaN loss still follows NAN_POLICY.
+    nan = _trainer(tiny_data, str(tmp_path / 'nan'), 'AMP_OPT_LEVEL', 'fp16', 'MODEL.LOGIT_SCALE_INIT', '1e999')
+    nan.build_training()
+    with pytest.raises(FloatingPointError, match='epoch 0 step 1'):
+        nan.fit()
