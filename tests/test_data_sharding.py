@@ -66,3 +66,21 @@ def test_batch_stream_pickles(tiny_data, tokenizer):
     stream = BatchStream(loader.setup, 0, 1, {'shards': [None]})
     copy = pickle.loads(pickle.dumps(stream))
     assert same_batches([next(iter(copy))], [next(iter(stream))])
+
+
+def test_map_source_alone_is_visited_in_a_new_order_every_epoch(tiny_data, tokenizer):
+    """One pass per epoch over a map-style source: the same samples, a different order (no stream or
+    augmentation randomness to hide a fixed order)."""
+    loader = loader_for(data_config(tiny_data, [LABELS], batch_size=4), tokenizer)
+    epochs = [origins(epoch_batches(loader, e)) for e in range(3)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]) and len(set(epochs[0])) == len(epochs[0])
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+
+
+def test_each_labelled_sample_draws_its_own_prompt_template(tiny_data, tokenizer):
+    loader = loader_for(data_config(tiny_data, [LABELS], batch_size=8), tokenizer)
+    loader.setup.templates = [f'{{}} template {i}' for i in range(4)]
+    for _, tokens, _, _ in epoch_batches(loader):
+        texts = tokenizer.batch_decode(tokens['input_ids'], skip_special_tokens=True)
+        used = {text.split()[-1] for text in texts}
+        assert used <= {'0', '1', '2', '3'} and len(used) > 1, texts

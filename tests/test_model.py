@@ -125,3 +125,35 @@ def test_focalnet_postln_is_the_modulation_norm_and_official_files_load(tmp_path
     # An encoder built without the option would silently drop modulation.ln: refused.
     with pytest.raises(CheckpointError, match='no place in this focalnet encoder.*modulation.norm'):
         load_pretrained(build_unicl_model(tiny_config(*opts)), path, 'focalnet', strict=False)
+
+
+def _saved_bytes_and_grads(model, run):
+    """Bytes of the tensors autograd keeps for backward during `run(model)`, and the gradients after it."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(model)
+    out.square().sum().backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('encoder', ['image', 'text'])
+def test_gradient_checkpointing_is_active_and_keeps_less(tiny_model, tokenizer, encoder):
+    """TRAIN.USE_CHECKPOINT -> set_grad_checkpointing: each encoder keeps far fewer activations for
+    backward (a no-op would keep as many) and the gradients stay the same."""
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 64, 64)
+    tokens = dict(tokenizer(['a red circle on a dark background'] * 4, padding='max_length', truncation=True,
+                            max_length=77, return_tensors='pt'))
+    run = (lambda m: m.encode_image(images)) if encoder == 'image' else (lambda m: m.encode_text(tokens))
+    model = tiny_model.train()
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, run)
+    model.set_grad_checkpointing(True)
+    checkpointed_bytes, grads = _saved_bytes_and_grads(model, run)
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name

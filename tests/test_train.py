@@ -2,6 +2,7 @@
 exactly, SIGKILL loses at most the steps since the last save, SIGTERM saves, NaN stops or skips."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -239,22 +240,32 @@ def test_torchrun_two_processes_a_dead_rank_ends_the_run_and_a_restart_resumes(t
     assert final['progress']['step'] == 16 and final['world_size'] == 2
 
 
-@pytest.mark.parametrize('sources, extra', [
-    ("[{'TYPE': 'imagefolder', 'PATH': 'labels'}]", []),
-    ("[{'TYPE': 'zip', 'PATH': 'labels/train.zip'}]", []),
-    ("[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]", []),
-    ("[{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv'}]", []),
-    ("[]", ['DATA.DATASET', 'imagenet']),  # the official single-folder layout: DATA_PATH/train
-    ("[]", ['DATA.DATASET', 'imagenet', 'DATA.ZIP_MODE', 'True']),
+@pytest.mark.parametrize('sources, extra, origin', [
+    ("[{'TYPE': 'imagefolder', 'PATH': 'labels'}]", [], '/labels/train/'),
+    ("[{'TYPE': 'zip', 'PATH': 'labels/train.zip'}]", [], 'train.zip@/'),
+    ("[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]", [], '/captions/shards/captions-'),
+    ("[{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv'}]", [], '/captions/'),
+    ("[]", ['DATA.DATASET', 'imagenet'], '/labels/train/'),  # the official single-folder layout: DATA_PATH/train
+    ("[]", ['DATA.DATASET', 'imagenet', 'DATA.ZIP_MODE', 'True'], 'train.zip@/'),
 ], ids=['imagefolder', 'zip', 'webdataset', 'tsv', 'dataset-imagenet', 'dataset-imagenet-zip'])
-def test_trains_on_each_source(tiny_data, tmp_path, sources, extra):
+def test_trains_on_each_source(tiny_data, tmp_path, sources, extra, origin):
+    """Batches come from that source with its kind of label (class ids, or caption ids above them), and
+    the steps on them move the weights."""
     data = os.path.join(tiny_data, 'labels') if sources == '[]' else tiny_data
     trainer = _trainer(data, str(tmp_path), 'DATA.SOURCES', sources, *extra)
     trainer.build_training()
-    batches = iter(trainer.loader)
+    num_classes = trainer.loader.setup.labels.num_classes
+    labelled = 'captions' not in origin
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batches = trainer.loader.iter_with_info()
     for _ in range(2):
-        loss, grad_norm, _ = trainer.optimizer_step([next(batches)])
+        images, tokens, labels, info = next(batches)
+        assert all(origin in where for where in info['where']), info['where']
+        assert bool((labels < num_classes).all()) if labelled else bool((labels >= num_classes).all())
+        loss, grad_norm, _ = trainer.optimizer_step([(images, tokens, labels)])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
+    after = trainer.model.state_dict()
+    assert sum(not torch.equal(v, after[k]) for k, v in before.items()) > len(before) // 2
 
 
 def _sigterm_at(trainer, steps):
@@ -358,3 +369,36 @@ def test_fp16_overflow_skips_are_counted_not_fatal(tiny_data, tmp_path, caplog):
     nan.build_training()
     with pytest.raises(FloatingPointError, match='epoch 0 step 1'):
         nan.fit()
+
+
+def _step_gradients(trainer, batches):
+    """The gradients `optimizer_step(batches)` hands the optimizer (after unscaling and clipping)."""
+    seen = {}
+
+    def record():
+        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    trainer.optimizer.register_step_pre_hook(lambda *_: record())
+    trainer.optimizer_step(batches)
+    return seen
+
+
+def test_accumulation_divides_the_loss(tiny_data, tmp_path):
+    """ACCUMULATION_STEPS 2 over [b, b] gives the gradient of ACCUMULATION_STEPS 1 over [b]."""
+    one = _trainer(tiny_data, str(tmp_path / 'one'), 'TRAIN.CLIP_GRAD', '0.0')
+    one.build_training()
+    batch = next(iter(one.loader))
+    two = _trainer(tiny_data, str(tmp_path / 'two'), 'TRAIN.CLIP_GRAD', '0.0', 'TRAIN.ACCUMULATION_STEPS', '2')
+    two.build_training()
+    expected, got = _step_gradients(one, [batch]), _step_gradients(two, [batch, batch])
+    assert set(expected) == set(got) and len(got) > 10
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_logit_scale_is_clamped_to_its_maximum(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, str(tmp_path), 'MODEL.LOGIT_SCALE_INIT', '5.0')
+    trainer.build_training()
+    trainer.optimizer_step([next(iter(trainer.loader))])
+    maximum = trainer.config.MODEL.LOGIT_SCALE_MAX
+    assert maximum == pytest.approx(math.log(100))
+    assert trainer.model.logit_scale.item() <= maximum + 1e-6  # float32 rounding of ln 100
