@@ -7,8 +7,9 @@ What goes into a batch is a function of (SEED, epoch, step, rank), not of timing
 - the per-source counts come from `MixingPlan` at the global step (epoch * steps_per_epoch + step);
 - a map-style source's k-th sample on this rank sits at position k * world_size + rank of its endless
   seeded order (`SampleOrder`), so ranks read disjoint samples and any step's samples are computable;
-- a stream source is read by slot rank * W + (step mod W); each slot reads disjoint shards, and the
-  position each batch leaves it at travels back with the batch;
+- a stream source is read by slot rank * W + (step mod W); within a pass the slots read disjoint pieces
+  of shards, every piece once per pass (see WebDatasetSource), and the position each batch leaves its
+  slot at travels back with the batch;
 - augmentations and prompt draws are seeded per (SEED, global step, rank).
 
 So the loader's state is (epoch, step) plus the stream positions, and resuming reproduces the batches
