@@ -10,9 +10,9 @@ import torch
 from yacs.config import CfgNode
 
 from tests.conftest import tiny_config
-from utils.checkpoint import (CheckpointError, export_official, load_pretrained, resolve_source, safe_load,
-                              save_atomic)
 from model import build_unicl_model
+from model.checkpoint import export_official, load_pretrained
+from utils.checkpoint import CheckpointError, resolve_source, safe_load, save_atomic
 
 
 def official_layout(model):

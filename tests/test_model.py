@@ -100,7 +100,8 @@ def _official_focalnet_layout(encoder_sd):
 
 
 def test_focalnet_postln_is_the_modulation_norm_and_official_files_load(tmp_path):
-    from utils.checkpoint import CheckpointError, load_pretrained
+    from model.checkpoint import load_pretrained
+    from utils.checkpoint import CheckpointError
     opts = ['MODEL.IMAGE_ENCODER.TYPE', 'focalnet', 'MODEL.IMAGE_ENCODER.FOCAL.EMBED_DIM', '16',
             'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.IMAGE_ENCODER.FOCAL.USE_LAYERSCALE', 'True']
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Training (main.py): the loss goes down, 2 gloo processes step like one, checkpoints resume the run
+"""Training (training/, run by main.py): the loss goes down, 2 gloo processes step like one, checkpoints resume the run
 exactly, SIGKILL loses at most the steps since the last save, SIGTERM saves, NaN stops or skips."""
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import main
+from model import build_unicl_model
 from tests.conftest import ROOT, TINY_CONFIG
+from training import Trainer
 from utils.checkpoint import CheckpointManager, safe_load
 
 # A fast, learnable setting: 32-px images, no random augmentation, 8 steps of 8 samples per epoch.
@@ -34,7 +36,7 @@ def _args(data, out, *opts, flags=()):
 def _trainer(data, out, *opts, rank=0, world_size=1):
     config = main.build_run_config(main.parse_option(_args(data, out, *opts)))
     torch.manual_seed(0)
-    return main.Trainer(config, rank, world_size, torch.device('cpu'))
+    return Trainer(config, rank, world_size, torch.device('cpu'))
 
 
 def _run_dir(out):
@@ -86,7 +88,7 @@ def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_pat
     rank0, rank1 = torch.load(result.format(0)), torch.load(result.format(1))
     reference = single.model.state_dict()
     torch.manual_seed(0)  # as every trainer here
-    initial = main.build_unicl_model(single.config).state_dict()
+    initial = build_unicl_model(single.config).state_dict()
     moved = 0
     for key, value in reference.items():
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas bit-identical
@@ -319,7 +321,7 @@ def test_restart_of_a_run_started_from_a_release_file_continues(tiny_data, tmp_p
     newest checkpoint, says so, and ends like the uninterrupted run."""
     release = str(tmp_path / 'release.pth')
     torch.manual_seed(7)
-    torch.save({'model': main.build_unicl_model(main.build_run_config(main.parse_option(
+    torch.save({'model': build_unicl_model(main.build_run_config(main.parse_option(
         _args(tiny_data, str(tmp_path))))).state_dict()}, release)
     opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '2', 'TRAIN.KEEP_CHECKPOINTS', '2', 'MODEL.RESUME', release)
     code, straight = _fit(tiny_data, str(tmp_path / 'straight'), *opts)

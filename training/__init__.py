@@ -1,0 +1,6 @@
+"""Training as a library: `Trainer` runs the loop that main.py's command line configures."""
+from .precision import autocast_dtype
+from .state import Progress, seed_everything
+from .trainer import StepResult, Trainer
+
+__all__ = ['Progress', 'StepResult', 'Trainer', 'autocast_dtype', 'seed_everything']
