@@ -1,12 +1,12 @@
 """The training loop: one optimizer step, epochs, checkpoints and resuming, validation, throughput.
 
 One optimizer step: ACCUMULATION_STEPS batches of (images, tokens, labels) -> model -> normalized
-features -> UniCLLoss over the batch gathered from all ranks -> backward (DDP averages gradients) ->
-unscale + clip -> AdamW -> per-step LR -> clamp logit_scale.
+features -> UniCLLoss over the batch gathered from all ranks (per micro-batch, or over all of them with
+TRAIN.ACCUMULATION_MODE features; see accumulation.py) -> backward (DDP averages gradients) -> unscale +
+clip -> AdamW -> per-step LR -> clamp logit_scale.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -27,6 +27,7 @@ from model.checkpoint import load_loaded, load_pretrained
 from utils.checkpoint import CheckpointManager, resolve_source, safe_load
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
 
+from .accumulation import StepParts, get_accumulation_mode
 from .metrics import Meter, open_tensorboard, peak_memory_mb
 from .precision import autocast_dtype
 from .signals import StopRequest
@@ -63,6 +64,7 @@ class Trainer:
                     self.model, device_ids=[device.index] if device.type == 'cuda' else None,
                     broadcast_buffers=False)
         self.criterion = UniCLLoss()
+        self.accumulate = get_accumulation_mode(config.TRAIN.ACCUMULATION_MODE)
         self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
         self.progress = Progress()
         self.loader = None
@@ -159,27 +161,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def _micro_step(self, batch, sync: bool) -> torch.Tensor:
-        images, tokens, labels = batch
-        images = images.to(self.device, non_blocking=True)
-        tokens = {k: v.to(self.device, non_blocking=True) for k, v in tokens.items()}
-        labels = labels.to(self.device, non_blocking=True)
-        module = self.ddp or self.model
-        # Only the last micro-batch of a step all-reduces gradients; negatives stay within each micro-batch.
-        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        with no_sync:
-            with self._autocast():
-                image_features, text_features, scale = module(images, tokens)
-            loss = self.criterion(image_features, text_features, labels, scale)
-            scaled = loss / self.accumulation
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.detach()
+    def _step_parts(self) -> StepParts:
+        return StepParts(model=self.model, module=self.ddp or self.model, ddp=self.ddp, criterion=self.criterion,
+                         autocast=self._autocast, scaler=self.scaler, device=self.device)
 
     def optimizer_step(self, batches) -> StepResult:
         """One step over `batches`. A non-finite loss (or, without a GradScaler, gradient) leaves the weights
         alone for `handle_nonfinite` to judge; an fp16 overflow is the GradScaler's normal skip."""
-        losses = [self._micro_step(b, sync=i == len(batches) - 1) for i, b in enumerate(batches)]
-        loss = torch.stack(losses).mean()
+        loss = self.accumulate(self._step_parts(), batches)
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss.item(), float('nan'))
