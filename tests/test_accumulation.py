@@ -70,21 +70,29 @@ def test_features_mode_step_equals_one_big_batch_step(tiny_data, tmp_path, globa
     assert not torch.allclose(got['image_projection'], expected['image_projection'], rtol=1e-3)
 
 
-def _rank_step(rank, world_size, data, out, init_file, result_file):
+def _rank_step(rank, world_size, mode, data, out, init_file, result_file):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    trainer = _float64_trainer(data, out, 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.ACCUMULATION_MODE', 'features',
+    trainer = _float64_trainer(data, out, 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.ACCUMULATION_MODE', mode,
                                rank=rank, world_size=world_size)
-    micro = _split(torch.load(os.path.join(out, 'global_batch.pt')), 4)  # rank r: micro-batches 2r, 2r + 1
-    torch.save(_gradients(trainer, micro[2 * rank:2 * rank + 2]), result_file.format(rank))
+    batch = torch.load(os.path.join(out, 'global_batch.pt'))
+    if mode == 'features':  # rank r: micro-batches 2r and 2r + 1 of 2 samples
+        micro = _split(batch, 4)[2 * rank:2 * rank + 2]
+    else:  # rank r's 4 samples twice: the DDP no_sync path must average the two, not add them
+        micro = _split(batch, 2)[rank:rank + 1] * 2
+    torch.save(_gradients(trainer, micro), result_file.format(rank))
     dist.destroy_process_group()
 
 
-def test_features_mode_two_processes_equal_one_big_batch_step(tiny_data, tmp_path, global_batch):
+@pytest.mark.parametrize('mode', ['features', 'gradients'])
+def test_two_processes_accumulating_equal_one_big_batch_step(tiny_data, tmp_path, global_batch, mode):
+    """features: 2 ranks x 2 micro-batches of 2 = one step on the 8 samples. gradients (official): each
+    rank's 4 samples twice, accumulated under DDP no_sync = one step on the 8 samples (the same global
+    contrastive batch of 2 x 4, since each micro-batch is one)."""
     out = str(tmp_path)
     torch.save(global_batch, os.path.join(out, 'global_batch.pt'))
     expected = _gradients(_float64_trainer(tiny_data, str(tmp_path / 'big'), 'DATA.BATCH_SIZE', '8'), [global_batch])
     result = os.path.join(out, 'rank{}.pt')
-    mp.spawn(_rank_step, args=(2, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
+    mp.spawn(_rank_step, args=(2, mode, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
     for rank in range(2):
         _assert_same(torch.load(result.format(rank)), expected)
 
