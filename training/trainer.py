@@ -42,7 +42,6 @@ class StepResult(NamedTuple):
     overflow: bool = False  # fp16: the GradScaler found inf/NaN gradients, skipped the step, lowered its scale
 
 
-
 class Trainer:
     def __init__(self, config, rank: int, world_size: int, device: torch.device):
         self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
@@ -64,7 +63,9 @@ class Trainer:
                     self.model, device_ids=[device.index] if device.type == 'cuda' else None,
                     broadcast_buffers=False)
         self.criterion = UniCLLoss()
-        self.accumulate = get_accumulation_mode(config.TRAIN.ACCUMULATION_MODE)
+        mode = get_accumulation_mode(config.TRAIN.ACCUMULATION_MODE)
+        # With a single micro-batch the modes agree; the plain one spares the second forward.
+        self.accumulate = mode if self.accumulation > 1 else get_accumulation_mode('gradients')
         self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
         self.progress = Progress()
         self.loader = None
@@ -91,6 +92,12 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         return self.config.DATA.BATCH_SIZE * self.world_size * self.accumulation
+
+    @property
+    def contrastive_batch(self) -> int:
+        """Pairs one loss sees: the global batch with ACCUMULATION_MODE features, else one micro-batch's."""
+        per_loss = self.accumulation if self.config.TRAIN.ACCUMULATION_MODE == 'features' else 1
+        return self.config.DATA.BATCH_SIZE * self.world_size * per_loss
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
@@ -304,7 +311,8 @@ class Trainer:
         config, progress = self.config, self.progress
         writer = open_tensorboard(config, self.rank)
         logger.info(f'training {config.TRAIN.EPOCHS} epochs x {self.steps_per_epoch} steps, global batch '
-                    f'{self.global_batch}, autocast {self.amp_dtype}, {self.world_size} process(es)')
+                    f'{self.global_batch} (contrastive batch {self.contrastive_batch}), autocast {self.amp_dtype}, '
+                    f'{self.world_size} process(es)')
         start = time.time()
         with StopRequest() as stop:
             try:
