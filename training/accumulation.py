@@ -74,6 +74,13 @@ def _set_rng_state(state: Tuple[torch.Tensor, Optional[torch.Tensor]], device: t
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _gradient_leaf(features: List[torch.Tensor]) -> torch.Tensor:
+    # At least fp32: the cached gradients of thousands of features would lose their small values in the
+    # fp16/bf16 of autocast features (the loss itself runs in fp32 anyway).
+    joined = torch.cat(features)
+    return joined.to(torch.promote_types(joined.dtype, torch.float32)).requires_grad_()
+
+
 def accumulate_features(parts: StepParts, batches: Sequence[Batch]) -> torch.Tensor:
     batches = [to_device(batch, parts.device) for batch in batches]
     rng_states: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
@@ -85,8 +92,7 @@ def accumulate_features(parts: StepParts, batches: Sequence[Batch]) -> torch.Ten
                 image_features, text_features, scale = parts.model(images, tokens)
             image_parts.append(image_features)
             text_parts.append(text_features)
-    image_features = torch.cat(image_parts).requires_grad_()
-    text_features = torch.cat(text_parts).requires_grad_()
+    image_features, text_features = _gradient_leaf(image_parts), _gradient_leaf(text_parts)
     scale = scale.detach().requires_grad_()
     loss = parts.criterion(image_features, text_features, torch.cat([labels for _, _, labels in batches]), scale)
     if not torch.isfinite(loss):
