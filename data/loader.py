@@ -247,7 +247,8 @@ class TrainLoader:
     def _layout(self) -> Dict[str, Any]:
         setup = self.setup
         return {'world_size': setup.world_size, 'num_workers': setup.num_workers, 'batch_size': setup.batch_size,
-                'steps_per_epoch': setup.steps_per_epoch, 'sources': [s.name for s in setup.sources]}
+                'steps_per_epoch': setup.steps_per_epoch, 'sources': [s.name for s in setup.sources],
+                'stream_positions': {s.name: s.position_format for s in setup.sources if isinstance(s, StreamSource)}}
 
     def state_dict(self) -> Dict[str, Any]:
         positions = copy.deepcopy(self._positions)
@@ -268,9 +269,10 @@ class TrainLoader:
         self._skipped_total = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_total', {}).items()})
         self._skipped_epoch = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_epoch', {}).items()})
         saved = state.get('stream_positions', {}).get(str(self.setup.rank), {})
-        # Stream positions are only meaningful for the same split of shards into slots.
-        same_slots = {k: (state.get('layout') or {}).get(k) for k in ('world_size', 'num_workers')} == {
-            k: layout[k] for k in ('world_size', 'num_workers')}
+        # Stream positions are only meaningful for the same split of shards into slots and the same meaning
+        # of a position.
+        keys = ('world_size', 'num_workers', 'stream_positions')
+        same_slots = {k: (state.get('layout') or {}).get(k) for k in keys} == {k: layout[k] for k in keys}
         for name, slots in self._positions.items():
             if same_slots and len(saved.get(name) or []) == len(slots):
                 self._positions[name] = [list(p) if p is not None else None for p in saved[name]]

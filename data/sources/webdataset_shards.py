@@ -56,6 +56,8 @@ class WebDatasetSource(StreamSource):
     others'). A piece is shuffled through a buffer that empties at its end, so a position (pass, piece,
     samples emitted) is replayed exactly by re-reading only that piece."""
 
+    position_format = 2  # [pass, piece, emitted] in the sequence of pieces (1: in the slot's own shards)
+
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
         self.shards = expand_shards(spec.path)
