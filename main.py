@@ -3,48 +3,36 @@
     torchrun --nproc_per_node=8 main.py --cfg configs/unicl_swin_tiny.yaml --data-path /data/imagenet
     python main.py --cfg configs/unicl_tiny.yaml --data-path demo_data/labels      # one process, CPU or GPU
 
-One optimizer step: ACCUMULATION_STEPS batches of (images, tokens, labels) -> model -> normalized
-features -> UniCLLoss over the batch gathered from all ranks -> backward (DDP averages gradients) ->
-unscale + clip -> AdamW -> per-step LR -> clamp logit_scale.
+The command line: flags and config -> the run's config -> training.Trainer (the loop lives in training/).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import logging
 import os
-import random
-import resource
-import signal
 import sys
-import time
-import warnings
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from configs import load_config
-from data import build_train_loader
-from evaluation import Encoder, run_zeroshot
-from loss import UniCLLoss
-from model import UniCLModel, build_tokenizer, build_unicl_model
-from utils.checkpoint import CheckpointManager, load_loaded, load_pretrained, resolve_source, safe_load
-from utils.distributed import all_reduce_sum, get_world_size, init_distributed
+from configs import load_config, merge_dict
+from model.checkpoint import load_pretrained
+from training import Trainer, seed_everything
+from utils.distributed import init_distributed
 from utils.logger import setup_logger
-from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
-from utils.precision import autocast, autocast_dtype
 
 logger = logging.getLogger('unicl.train')
 
+# The dedicated flags and the config keys they set (after the config file and --opts, as the official).
+FLAG_KEYS = {
+    'batch_size': 'DATA.BATCH_SIZE', 'dataset': 'DATA.DATASET', 'data_path': 'DATA.DATA_PATH',
+    'zip': 'DATA.ZIP_MODE', 'cache_mode': 'DATA.CACHE_MODE', 'resume': 'MODEL.RESUME',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
+    'amp_opt_level': 'AMP_OPT_LEVEL', 'output': 'OUTPUT', 'tag': 'TAG', 'eval': 'EVAL_MODE',
+    'throughput': 'THROUGHPUT_MODE',
+}
 
-# ----------------------------------------------------------------------------------------------------
-# Command line and configuration
-# ----------------------------------------------------------------------------------------------------
+
 def parse_option(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('UniCL training and evaluation')
     parser.add_argument('--cfg', required=True, metavar='FILE', help='config file')
@@ -68,419 +56,22 @@ def parse_option(argv=None) -> argparse.Namespace:
 
 
 def build_run_config(args: argparse.Namespace):
-    """The config file, then --opts, then the dedicated flags (which win, as in the official code)."""
+    """The config file, then --opts, then the dedicated flags (which win, as in the official code). The
+    flags go through the same checked merge as the file, so a value of the wrong type fails naming it."""
     config = load_config(args.cfg, args.opts, freeze=False)
-    flags = {
-        'DATA.BATCH_SIZE': args.batch_size, 'DATA.DATASET': args.dataset, 'DATA.DATA_PATH': args.data_path,
-        'DATA.ZIP_MODE': True if args.zip else None, 'DATA.CACHE_MODE': args.cache_mode,
-        'MODEL.RESUME': args.resume, 'TRAIN.ACCUMULATION_STEPS': args.accumulation_steps,
-        'TRAIN.USE_CHECKPOINT': True if args.use_checkpoint else None, 'AMP_OPT_LEVEL': args.amp_opt_level,
-        'OUTPUT': args.output, 'TAG': args.tag, 'EVAL_MODE': True if args.eval else None,
-        'THROUGHPUT_MODE': True if args.throughput else None,
-    }
-    for key, value in flags.items():
-        if value is not None:
-            *parents, leaf = key.split('.')
-            node = config
-            for parent in parents:
-                node = node[parent]
-            node[leaf] = value
+    for name, key in FLAG_KEYS.items():
+        value = getattr(args, name)
+        if value is None or value is False:  # not given (store_true flags only ever switch a key on)
+            continue
+        *parents, leaf = key.split('.')
+        update = {leaf: value}
+        for parent in reversed(parents):
+            update = {parent: update}
+        merge_dict(config, update, f"--{name.replace('_', '-')}")
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', args.local_rank or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME or 'unicl', config.TAG)
     config.freeze()
     return config
-
-
-# ----------------------------------------------------------------------------------------------------
-# State that a checkpoint carries beyond the weights
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    epoch: int = 0  # the epoch in progress (or the next one, at an epoch boundary)
-    step: int = 0  # optimizer steps done since the start of training
-    max_accuracy: Optional[float] = None  # best zero-shot Acc@1; None until a validation ran
-    skipped_steps: int = 0  # steps dropped for a non-finite loss (TRAIN.NAN_POLICY skip)
-
-
-def rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
-             # numpy's array state as plain lists, so the file loads with weights_only
-             'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:])}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state['python'])
-    torch.set_rng_state(state['torch'])
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def all_rng_states() -> list:
-    """Every rank's RNG state, in rank order (each rank draws its own augmentations)."""
-    if get_world_size() == 1:
-        return [rng_state()]
-    states = [None] * get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Signals: finish the step, save, exit
-# ----------------------------------------------------------------------------------------------------
-class StopRequest:
-    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop saves a checkpoint and exits."""
-
-    def __init__(self):
-        self.signum = 0
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (ranks must stop at the same step to save together)."""
-        if get_world_size() == 1:
-            return self.signum
-        return int(all_reduce_sum(torch.tensor([self.signum], device=device, dtype=torch.float64)).item())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Logging helpers
-# ----------------------------------------------------------------------------------------------------
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux reports KiB)
-
-
-class Meter:
-    def __init__(self):
-        self.total, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.total / max(self.count, 1)
-
-
-def _tensorboard(config, rank: int):
-    if rank != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Trainer
-# ----------------------------------------------------------------------------------------------------
-class Trainer:
-    def __init__(self, config, rank: int, world_size: int, device: torch.device):
-        self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
-        self.accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
-        self.amp_dtype = autocast_dtype(config.AMP_OPT_LEVEL, device)
-        self.tokenizer = build_tokenizer(config.MODEL.TEXT_ENCODER)
-        self.model: UniCLModel = build_unicl_model(config).to(device)
-        if config.TRAIN.USE_CHECKPOINT:
-            self.model.set_grad_checkpointing(True)
-        if config.MODEL.PRETRAINED:
-            load_pretrained(self.model, config.MODEL.PRETRAINED, config.MODEL.IMAGE_ENCODER.TYPE, strict=False)
-        self.ddp = None
-        if world_size > 1:
-            with warnings.catch_warnings():
-                # Newer torch renames the flag; the buffers (Swin's index tables and masks) are constants,
-                # so re-broadcasting them every forward would be a wasted collective.
-                warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
-                self.ddp = DistributedDataParallel(
-                    self.model, device_ids=[device.index] if device.type == 'cuda' else None,
-                    broadcast_buffers=False)
-        self.criterion = UniCLLoss(tile_size=config.TRAIN.LOSS_TILE_SIZE)
-        self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
-        self.progress = Progress()
-        self.loader = None
-        self.optimizer = self.scheduler = None
-        self.scaler = torch.amp.GradScaler('cuda') if self.amp_dtype == torch.float16 else None
-
-    # -- setup ----------------------------------------------------------------------------------------
-    def build_training(self) -> None:
-        self.validation_folder()  # a wrong VAL_PATH fails now, not after the first epoch
-        self.loader = build_train_loader(self.config, self.tokenizer, self.rank, self.world_size)
-        if len(self.loader) < self.accumulation:
-            raise ValueError(f'an epoch has {len(self.loader)} batches, fewer than ACCUMULATION_STEPS '
-                             f'({self.accumulation})')
-        self.build_optimization(len(self.loader) // self.accumulation)
-
-    def build_optimization(self, steps_per_epoch: int) -> None:
-        self.steps_per_epoch = steps_per_epoch
-        lrs = scaled_learning_rates(self.config, self.world_size)
-        logger.info(f'learning rate {lrs.base:.3g} (warmup from {lrs.warmup:.3g}, min {lrs.minimum:.3g}) '
-                    f'for a global batch of {self.global_batch}')
-        self.optimizer = build_optimizer(self.config, self.model, lrs.base)
-        self.scheduler = build_scheduler(self.config, self.optimizer, steps_per_epoch, lrs)
-
-    @property
-    def global_batch(self) -> int:
-        return self.config.DATA.BATCH_SIZE * self.world_size * self.accumulation
-
-    # -- checkpoints ----------------------------------------------------------------------------------
-    def state(self) -> Dict[str, Any]:
-        return {
-            'model': self.model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'lr_scheduler': self.scheduler.state_dict(),
-            'scaler': self.scaler.state_dict() if self.scaler else None,
-            'progress': asdict(self.progress),
-            'data': self.loader.state_dict(),  # the position in the epoch and in the shard streams
-            'rng': all_rng_states(),
-            'world_size': self.world_size,
-            'config': self.config.dump(),
-        }
-
-    def save(self) -> None:
-        state = self.state()  # on every rank: gathering RNG states and stream positions is a collective
-        if self.rank == 0:
-            path = self.checkpoints.save(state, self.progress.step)
-            logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
-
-    def resume(self) -> None:
-        """Continue from MODEL.RESUME ('latest' or a file), or the newest checkpoint with AUTO_RESUME."""
-        source = self.config.MODEL.RESUME
-        path, state = None, None
-        if source == 'latest' or (not source and self.config.TRAIN.AUTO_RESUME):
-            path, state = self.checkpoints.load_latest()
-            if path is None:
-                logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
-                return
-        elif source:
-            path, state = source, safe_load(resolve_source(source))
-        else:
-            return
-        if 'optimizer' not in state:  # a release file: weights only
-            load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
-            logger.info(f'initialized the weights from {path}')
-            return
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['lr_scheduler'])
-        if self.scaler and state.get('scaler'):
-            self.scaler.load_state_dict(state['scaler'])
-        self.progress = Progress(**state['progress'])
-        if state.get('data') is not None:
-            self.loader.load_state_dict(state['data'])
-        if state.get('world_size') == self.world_size:
-            set_rng_state(state['rng'][self.rank])
-        else:
-            logger.warning(f'checkpoint from {state.get("world_size")} processes, now {self.world_size}: '
-                           f'RNG streams restart and the data order of this epoch changes')
-        logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
-                    f'next step {self.progress.step + 1}')
-
-    # -- one optimizer step ----------------------------------------------------------------------------
-    def _autocast(self):
-        return autocast(self.device, self.amp_dtype)
-
-    def _micro_step(self, batch, sync: bool) -> torch.Tensor:
-        images, tokens, labels = batch
-        images = images.to(self.device, non_blocking=True)
-        tokens = {k: v.to(self.device, non_blocking=True) for k, v in tokens.items()}
-        labels = labels.to(self.device, non_blocking=True)
-        module = self.ddp or self.model
-        # Only the last micro-batch of a step all-reduces gradients; negatives stay within each micro-batch.
-        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        with no_sync:
-            with self._autocast():
-                image_features, text_features, scale = module(images, tokens)
-            loss = self.criterion(image_features, text_features, labels, scale)
-            scaled = loss / self.accumulation
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.detach()
-
-    def optimizer_step(self, batches) -> Tuple[float, float]:
-        """(loss, grad norm) of one step over `batches`; the loss is the global one, the same on all ranks."""
-        losses = [self._micro_step(b, sync=i == len(batches) - 1) for i, b in enumerate(batches)]
-        loss = torch.stack(losses).mean()
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), float('nan')
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.config.TRAIN.CLIP_GRAD or float('inf')
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not self.scaler and not torch.isfinite(grad_norm):  # GradScaler handles fp16 overflow itself
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), grad_norm.item()
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, self.config.MODEL.LOGIT_SCALE_MAX)
-        return loss.item(), grad_norm.item()
-
-    # -- loops ----------------------------------------------------------------------------------------
-    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
-        where = f'epoch {self.progress.epoch} step {self.progress.step + 1} (loss {loss}, grad norm {grad_norm})'
-        last = self.checkpoints.checkpoints()
-        if self.config.TRAIN.NAN_POLICY == 'skip':
-            self.progress.skipped_steps += 1
-            logger.warning(f'non-finite at {where}: step skipped ({self.progress.skipped_steps} so far)')
-            return
-        raise FloatingPointError(f'non-finite at {where}; stopping. The last good checkpoint is '
-                                 f'{last[-1] if last else "none (no checkpoint was saved yet)"}')
-
-    def train_one_epoch(self, stop: StopRequest, writer) -> bool:
-        """Returns False when a signal asked the run to stop (after saving)."""
-        config, progress = self.config, self.progress
-        self.loader.set_epoch(progress.epoch)
-        self.model.train()
-        total_steps = config.TRAIN.EPOCHS * self.steps_per_epoch
-        step_in_epoch = progress.step - progress.epoch * self.steps_per_epoch
-        loss_meter, norm_meter = Meter(), Meter()
-        window_start, window_steps, run_start, run_steps = time.time(), 0, time.time(), 0
-        batches = []
-        for batch in self.loader:
-            batches.append(batch)
-            if len(batches) < self.accumulation:
-                continue
-            self.scheduler.step_update(progress.step)
-            loss, grad_norm = self.optimizer_step(batches)
-            batches = []
-            if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-                self.handle_nonfinite(loss, grad_norm)
-            else:
-                loss_meter.update(loss)
-                norm_meter.update(grad_norm)
-            progress.step += 1
-            step_in_epoch += 1
-            window_steps += 1
-            run_steps += 1
-            if progress.step % config.PRINT_FREQ == 0 or step_in_epoch == self.steps_per_epoch:
-                elapsed = time.time() - window_start
-                images_per_sec = window_steps * self.global_batch / max(elapsed, 1e-9)
-                eta = (total_steps - progress.step) * (time.time() - run_start) / run_steps
-                lr = self.optimizer.param_groups[0]['lr']
-                logger.info(
-                    f'Train: [{progress.epoch}/{config.TRAIN.EPOCHS}][{step_in_epoch}/{self.steps_per_epoch}] '
-                    f'step {progress.step}  lr {lr:.3e}  loss {loss:.4f} ({loss_meter.avg:.4f})  '
-                    f'grad_norm {grad_norm:.3f} ({norm_meter.avg:.3f})  '
-                    f'logit_scale {self.model.logit_scale.exp().item():.2f}  {images_per_sec:.1f} img/s  '
-                    f'mem {peak_memory_mb(self.device):.0f}MB  '
-                    f'eta {datetime.timedelta(seconds=int(eta))}')
-                if writer:
-                    for name, value in (('loss', loss), ('lr', lr), ('grad_norm', grad_norm),
-                                        ('logit_scale', self.model.logit_scale.exp().item()),
-                                        ('images_per_sec', images_per_sec)):
-                        writer.add_scalar(f'train/{name}', value, progress.step)
-                window_start, window_steps = time.time(), 0
-            signum = stop.agreed(self.device)
-            if signum:
-                logger.warning(f'signal {signum}: saving at step {progress.step} and exiting')
-                self.save()
-                return False
-            if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0 \
-                    and step_in_epoch < self.steps_per_epoch:
-                self.save()
-            if step_in_epoch == self.steps_per_epoch:
-                break  # leftover batches that cannot fill an accumulation group
-        skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
-        logger.info(f'epoch {progress.epoch} done: loss {loss_meter.avg:.4f}, grad_norm {norm_meter.avg:.3f}'
-                    + (f', bad samples skipped {skipped}' if skipped else ''))
-        if writer:
-            writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
-        return True
-
-    def validation_folder(self, required: bool = False) -> Optional[str]:
-        """DATA.VAL_PATH (relative to DATA_PATH, as DATA.SOURCES paths are), or DATA_PATH/val when it is
-        empty; None when that default folder does not exist, unless `required`. A VAL_PATH that is not
-        a folder fails."""
-        data = self.config.DATA
-        path = os.path.join(data.DATA_PATH, data.VAL_PATH or 'val')
-        if os.path.isdir(path):
-            return path
-        if data.VAL_PATH or required:
-            raise FileNotFoundError(f'DATA.VAL_PATH {data.VAL_PATH!r}: no folder {path}')
-        return None
-
-    def validate(self, writer) -> Optional[float]:
-        val_path = self.validation_folder()
-        if val_path is None:
-            logger.info('no DATA.VAL_PATH and no DATA_PATH/val folder: skipping zero-shot validation')
-            return None
-        # The same autocast as training; evaluate.py defaults to it too (the config's AMP_OPT_LEVEL).
-        encoder = Encoder(self.model, self.tokenizer, self.config, self.device, self.amp_dtype)
-        result = run_zeroshot(encoder, val_path)
-        self.progress.max_accuracy = max(self.progress.max_accuracy or 0.0, result.top1)
-        logger.info(f'zero-shot on {result.num_images} images of {val_path}: Acc@1 {result.top1:.2f} '
-                    f'Acc@5 {result.top5:.2f}  (best Acc@1 {self.progress.max_accuracy:.2f})')
-        if writer:
-            writer.add_scalar('val/acc1', result.top1, self.progress.epoch)
-            writer.add_scalar('val/acc5', result.top5, self.progress.epoch)
-        return result.top1
-
-    def fit(self) -> int:
-        """Train to TRAIN.EPOCHS; returns the process exit code (non-zero after a stop signal)."""
-        config, progress = self.config, self.progress
-        stop = StopRequest()
-        writer = _tensorboard(config, self.rank)
-        logger.info(f'training {config.TRAIN.EPOCHS} epochs x {self.steps_per_epoch} steps, global batch '
-                    f'{self.global_batch}, autocast {self.amp_dtype}, {self.world_size} process(es)')
-        start = time.time()
-        try:
-            while progress.epoch < config.TRAIN.EPOCHS:
-                if not self.train_one_epoch(stop, writer):
-                    return 128 + stop.signum
-                epoch = progress.epoch
-                progress.epoch += 1
-                if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS:
-                    self.save()
-                self.validate(writer)
-        finally:
-            if writer:
-                writer.close()
-        best = 'n/a' if progress.max_accuracy is None else f'{progress.max_accuracy:.2f}'
-        logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start))}, '
-                    f'best zero-shot Acc@1 {best}')
-        return 0
-
-    @torch.no_grad()
-    def throughput(self) -> None:
-        """Images/s of the image encoder and of a full forward on one training batch (as the official)."""
-        images, tokens, _ = next(iter(self.loader))
-        images = images.to(self.device)
-        tokens = {k: v.to(self.device) for k, v in tokens.items()}
-        self.model.eval()
-        warmup, timed = (50, 30) if self.device.type == 'cuda' else (2, 5)
-        for name, run in (('image encoder', lambda: self.model.encode_image(images)),
-                          ('image + text', lambda: self.model(images, tokens))):
-            with self._autocast():
-                for _ in range(warmup):
-                    run()
-                if self.device.type == 'cuda':
-                    torch.cuda.synchronize()
-                start = time.time()
-                for _ in range(timed):
-                    run()
-                if self.device.type == 'cuda':
-                    torch.cuda.synchronize()
-            logger.info(f'{name}: batch {images.shape[0]}, {timed * images.shape[0] / (time.time() - start):.1f} '
-                        f'images/s')
 
 
 def main(argv=None) -> int:

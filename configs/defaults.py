@@ -117,6 +117,9 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0
+# added: 'gradients' (official): each accumulated micro-batch is its own contrastive batch; 'features'
+# (GradCache): one contrastive batch of BATCH_SIZE x processes x ACCUMULATION_STEPS pairs (training/accumulation.py).
+_C.TRAIN.ACCUMULATION_MODE = 'gradients'
 _C.TRAIN.USE_CHECKPOINT = False
 # added: also checkpoint every N optimizer steps (0: only at epoch ends, every SAVE_FREQ epochs).
 _C.TRAIN.SAVE_STEPS = 0

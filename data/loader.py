@@ -7,8 +7,9 @@ What goes into a batch is a function of (SEED, epoch, step, rank), not of timing
 - the per-source counts come from `MixingPlan` at the global step (epoch * steps_per_epoch + step);
 - a map-style source's k-th sample on this rank sits at position k * world_size + rank of its endless
   seeded order (`SampleOrder`), so ranks read disjoint samples and any step's samples are computable;
-- a stream source is read by slot rank * W + (step mod W); each slot reads disjoint shards, and the
-  position each batch leaves it at travels back with the batch;
+- a stream source is read by slot rank * W + (step mod W); within a pass the slots read disjoint pieces
+  of shards, every piece once per pass (see WebDatasetSource), and the position each batch leaves its
+  slot at travels back with the batch;
 - augmentations and prompt draws are seeded per (SEED, global step, rank).
 
 So the loader's state is (epoch, step) plus the stream positions, and resuming reproduces the batches
@@ -246,7 +247,8 @@ class TrainLoader:
     def _layout(self) -> Dict[str, Any]:
         setup = self.setup
         return {'world_size': setup.world_size, 'num_workers': setup.num_workers, 'batch_size': setup.batch_size,
-                'steps_per_epoch': setup.steps_per_epoch, 'sources': [s.name for s in setup.sources]}
+                'steps_per_epoch': setup.steps_per_epoch, 'sources': [s.name for s in setup.sources],
+                'stream_positions': {s.name: s.position_format for s in setup.sources if isinstance(s, StreamSource)}}
 
     def state_dict(self) -> Dict[str, Any]:
         positions = copy.deepcopy(self._positions)
@@ -267,9 +269,10 @@ class TrainLoader:
         self._skipped_total = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_total', {}).items()})
         self._skipped_epoch = defaultdict(Counter, {n: Counter(r) for n, r in state.get('skipped_epoch', {}).items()})
         saved = state.get('stream_positions', {}).get(str(self.setup.rank), {})
-        # Stream positions are only meaningful for the same split of shards into slots.
-        same_slots = {k: (state.get('layout') or {}).get(k) for k in ('world_size', 'num_workers')} == {
-            k: layout[k] for k in ('world_size', 'num_workers')}
+        # Stream positions are only meaningful for the same split of shards into slots and the same meaning
+        # of a position.
+        keys = ('world_size', 'num_workers', 'stream_positions')
+        same_slots = {k: (state.get('layout') or {}).get(k) for k in keys} == {k: layout[k] for k in keys}
         for name, slots in self._positions.items():
             if same_slots and len(saved.get(name) or []) == len(slots):
                 self._positions[name] = [list(p) if p is not None else None for p in saved[name]]

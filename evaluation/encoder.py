@@ -13,7 +13,8 @@ from torch import Tensor
 from configs import load_config
 from data.transforms import build_eval_transform
 from model import UniCLModel, build_tokenizer, build_unicl_model
-from utils.checkpoint import load_pretrained, resolve_source
+from model.checkpoint import load_pretrained
+from utils.checkpoint import resolve_source
 from utils.precision import autocast_dtype
 
 from .cache import FeatureCache, feature_key

@@ -12,6 +12,7 @@ from typing import Callable, Dict
 
 import torch
 from torch import nn
+from timm.layers import resample_patch_embed, resize_rel_pos_bias_table
 from timm.models import focalnet as timm_focalnet
 from timm.models import swin_transformer as timm_swin
 
@@ -59,7 +60,32 @@ def _swin_to_official(state_dict: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
-@register_image_encoder('swin', from_official=timm_swin.checkpoint_filter_fn, to_official=_swin_to_official)
+def _swin_from_official(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """The official layout (or timm's own, which our checkpoints use) -> timm's Swin.
+
+    The layout is told by the downsampling keys: only the official one has a downsample in stage 0. timm's
+    own filter guessed from `head.fc.weight` up to 1.0.29, so it shifted the keys of every headless file,
+    ours included; deciding here keeps loading independent of the timm version."""
+    official = any(k.startswith('layers.0.downsample.') for k in state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(('relative_position_index', 'attn_mask')):
+            continue  # constants timm rebuilds and keeps out of its state dict
+        if official:
+            key = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) + 1}.downsample', key)
+        if key.endswith('relative_position_bias_table'):
+            target = model.get_submodule(key[:-len('.relative_position_bias_table')])
+            if value.shape != target.relative_position_bias_table.shape:  # another window size
+                value = resize_rel_pos_bias_table(value, new_window_size=target.window_size,
+                                                  new_bias_shape=target.relative_position_bias_table.shape)
+        if key == 'patch_embed.proj.weight' and value.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
+            value = resample_patch_embed(value, list(model.patch_embed.proj.weight.shape[-2:]),
+                                         interpolation='bicubic', antialias=True, verbose=True)
+        out[key] = value
+    return out
+
+
+@register_image_encoder('swin', from_official=_swin_from_official, to_official=_swin_to_official)
 def build_swin(cfg) -> nn.Module:
     swin = cfg.SWIN
     head_dims = [swin.EMBED_DIM * 2 ** i // h for i, h in enumerate(swin.NUM_HEADS)]
@@ -99,7 +125,9 @@ def build_focalnet(cfg) -> nn.Module:
         focal_levels=tuple(focal.FOCAL_LEVELS),
         focal_windows=tuple(focal.FOCAL_WINDOWS),
         use_overlap_down=focal.USE_CONV_EMBED,
-        use_post_norm=focal.USE_POSTLN,
+        # UniCL's FocalNet USE_POSTLN is the LayerNorm inside the modulation (`modulation.ln`), not timm's
+        # post-norm block (`use_post_norm`), which would move the block norms and drop `modulation.ln`.
+        use_post_norm_in_modulation=focal.USE_POSTLN,
         layerscale_value=1e-4 if focal.USE_LAYERSCALE else None,
         proj_drop_rate=cfg.DROP_RATE,
         drop_path_rate=cfg.DROP_PATH_RATE,

@@ -16,7 +16,7 @@ TokenBatch = Dict[str, torch.Tensor]
 
 class UniCLModel(nn.Module):
     """Attribute names are the official ones, so a released `{'model': state_dict}` maps key for key
-    (after the image encoder's own layout conversion, see `utils.checkpoint`)."""
+    (after the image encoder's own layout conversion, see `model.checkpoint`)."""
 
     def __init__(self, config):
         super().__init__()
@@ -71,7 +71,7 @@ class UniCLModel(nn.Module):
 
 
 def build_unicl_model(config) -> UniCLModel:
-    """A freshly initialized UniCL model for `config` (load weights with `utils.checkpoint`)."""
+    """A freshly initialized UniCL model for `config` (load weights with `model.checkpoint`)."""
     image_cfg = config.MODEL.IMAGE_ENCODER
     if image_cfg.TYPE == 'swin' and config.DATA.IMG_SIZE != image_cfg.IMG_SIZE:
         raise ValueError(f'DATA.IMG_SIZE ({config.DATA.IMG_SIZE}) and MODEL.IMAGE_ENCODER.IMG_SIZE '

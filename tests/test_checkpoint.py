@@ -10,9 +10,9 @@ import torch
 from yacs.config import CfgNode
 
 from tests.conftest import tiny_config
-from utils.checkpoint import (CheckpointError, export_official, load_pretrained, resolve_source, safe_load,
-                              save_atomic)
 from model import build_unicl_model
+from model.checkpoint import export_official, load_pretrained
+from utils.checkpoint import CheckpointError, resolve_source, safe_load, save_atomic
 
 
 def official_layout(model):
@@ -188,3 +188,41 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         save_atomic({'step': 2, 'bad': Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {'step': 1}
     assert os.listdir(tmp_path) == ['ckpt.pth']  # no temp file left behind
+
+
+def _legacy_timm_swin_filter(state_dict, model):
+    """timm <= 1.0.29's Swin filter as far as the layout goes: a file without `head.fc.weight` is taken for
+    the official layout, so the downsample keys of any headless file move up one stage."""
+    old_weights = 'head.fc.weight' not in state_dict
+    return {(re.sub(r'layers.(\d+).downsample', lambda m: f'layers.{int(m.group(1)) + 1}.downsample', k)
+             if old_weights else k): v
+            for k, v in state_dict.items() if not k.endswith(('relative_position_index', 'attn_mask'))}
+
+
+@pytest.fixture
+def legacy_timm_swin_filter(monkeypatch):
+    """The model package as imported next to timm <= 1.0.29 (its encoders registered afresh)."""
+    import importlib
+
+    import model.image_encoder
+    from timm.models import swin_transformer
+    monkeypatch.setattr(swin_transformer, 'checkpoint_filter_fn', _legacy_timm_swin_filter)
+    importlib.reload(model.image_encoder)
+    yield
+    monkeypatch.undo()
+    importlib.reload(model.image_encoder)
+
+
+@pytest.mark.parametrize('layout', ['training-checkpoint', 'official'])
+def test_own_and_official_checkpoints_load_under_old_timm(tmp_path, tiny_cfg, tokenizer, legacy_timm_swin_filter,
+                                                          layout):
+    """Our checkpoints are headless and in timm's layout; the layout is decided by our code, not timm's guess."""
+    from utils.checkpoint import CheckpointManager
+    source = _randomize(build_unicl_model(tiny_cfg))
+    manager = CheckpointManager(str(tmp_path))
+    weights = source.state_dict() if layout == 'training-checkpoint' else official_layout(source)
+    path = manager.save({'model': weights, 'optimizer': {}, 'progress': {'step': 3}}, 3)
+    target = build_unicl_model(tiny_cfg)
+    report = load_pretrained(target, path, 'swin')
+    assert report.missing == [] and report.unexpected == []
+    assert _same_outputs(_outputs(source, tokenizer), _outputs(target, tokenizer))

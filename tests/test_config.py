@@ -86,3 +86,16 @@ def test_every_shipped_config_loads_with_known_sources():
     for name in names:
         cfg = load_config(os.path.join(CONFIG_DIR, name))
         assert all(source['TYPE'] in SOURCE_TYPES for source in cfg.DATA.SOURCES), name
+
+
+def test_flags_go_through_the_checked_merge():
+    """--batch-size and friends set config keys with the same type checks as the file and --opts."""
+    import main
+    args = main.parse_option(['--cfg', os.path.join(CONFIG_DIR, 'unicl_tiny.yaml'), '--batch-size', '6',
+                              '--accumulation-steps', '2', '--use-checkpoint', '--output', 'out'])
+    config = main.build_run_config(args)
+    assert (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, config.TRAIN.USE_CHECKPOINT) == (6, 2, True)
+    assert config.OUTPUT == os.path.join('out', 'unicl_tiny', 'default')
+    args.batch_size = 'six'  # as a caller of build_run_config (not argparse) might pass it
+    with pytest.raises(ConfigError, match='--batch-size: config key DATA.BATCH_SIZE expects int'):
+        main.build_run_config(args)

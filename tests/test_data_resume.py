@@ -102,3 +102,17 @@ def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer):
     loader = loader_for(data_config(tiny_data, [SHARDS], batch_size=2), tokenizer, rank=1, world_size=2)
     loader.load_state_dict(states[0])
     assert loader.state_dict()['stream_positions']['1'] == states[0]['stream_positions']['1']
+
+
+def test_stream_positions_of_another_format_restart_the_stream(tiny_data, tokenizer, caplog):
+    """A position saved when shards were dealt to slots once (format 1) means something else now."""
+    config = data_config(tiny_data, [SHARDS], batch_size=4)
+    loader = loader_for(config, tokenizer)
+    next(loader.iter_with_info())
+    state = roundtrip(loader.state_dict())
+    assert state['layout']['stream_positions'] == {'shards': 2}
+    state['layout']['stream_positions'] = {'shards': 1}
+    resumed = loader_for(config, tokenizer)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()['stream_positions']['0'] == {'shards': [None]}
+    assert 'restarts from a fresh shard order' in caplog.text

@@ -1,6 +1,7 @@
 """Each source type on the built-in data and on hand-made layouts; DATA.SOURCES parsing."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -119,6 +120,22 @@ def test_webdataset_patterns_and_size(tiny_data):
     assert len({r.where for r in records}) == len(records)  # one pass: every sample once
     with pytest.raises(ValueError, match='none of the'):
         build_source(spec('webdataset', os.path.join(shards, 'nope-{0..3}.tar')))
+
+
+def test_webdataset_list_of_folders_patterns_and_urls(tiny_data, tmp_path):
+    """'gcc3m::gcc12m' (the GCC-15M configs): each '::' part is a folder, a brace pattern or a url."""
+    from data.sources.webdataset_shards import expand_shards
+    shards = sorted(glob.glob(os.path.join(tiny_data, 'captions', 'shards', '*.tar')))
+    for name, shard in zip(('gcc3m', 'gcc12m'), shards):
+        os.makedirs(tmp_path / name)
+        for path in (shard, shard[:-len('.tar')] + '_stats.json'):
+            os.symlink(path, tmp_path / name / os.path.basename(path))
+    both = build_source(spec('webdataset', f'{tmp_path}/gcc3m::{tmp_path}/gcc12m'))
+    assert [os.path.basename(s) for s in both.shards] == [os.path.basename(s) for s in shards]
+    assert both.num_samples == TINY.caption_shards * TINY.per_shard
+    assert expand_shards(f'{tmp_path}/gcc3m::s/{{0..1}}.tar::https://host/x-{{7..8}}.tar') == [
+        f'{tmp_path}/gcc3m/{os.path.basename(shards[0])}', 's/0.tar', 's/1.tar',
+        'https://host/x-7.tar', 'https://host/x-8.tar']
 
 
 def test_webdataset_reads_img2dataset_members(tmp_path):

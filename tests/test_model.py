@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -82,3 +83,78 @@ def test_bad_model_configs():
 def test_logit_scale_init_configurable():
     model = build_unicl_model(tiny_config('MODEL.LOGIT_SCALE_INIT', '1.0'))
     assert model.logit_scale.exp().item() == pytest.approx(math.e)
+
+
+def _official_focalnet_layout(encoder_sd):
+    """UniCL's FocalNet naming, written independently of the converter: `patch_embed`, downsampling at the
+    end of stage i, `modulation.ln`, `gamma_1/2`, linear (not 1x1 conv) `f` and `proj`."""
+    out = {}
+    for key, value in encoder_sd.items():
+        key = key.replace('stem.', 'patch_embed.').replace('modulation.norm.', 'modulation.ln.')
+        key = re.sub(r'ls(\d)\.gamma', r'gamma_\1', key)
+        key = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', key)
+        if re.search(r'modulation\.(f|proj)\.weight$', key):
+            value = value.flatten(1)
+        out['image_encoder.' + key] = value.clone()
+    return out
+
+
+def test_focalnet_postln_is_the_modulation_norm_and_official_files_load(tmp_path):
+    from model.checkpoint import load_pretrained
+    from utils.checkpoint import CheckpointError
+    opts = ['MODEL.IMAGE_ENCODER.TYPE', 'focalnet', 'MODEL.IMAGE_ENCODER.FOCAL.EMBED_DIM', '16',
+            'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.IMAGE_ENCODER.FOCAL.USE_LAYERSCALE', 'True']
+    torch.manual_seed(0)
+    source = build_unicl_model(tiny_config(*opts, 'MODEL.IMAGE_ENCODER.FOCAL.USE_POSTLN', 'True')).eval()
+    block = source.image_encoder.layers[0].blocks[0]
+    assert not isinstance(block.modulation.norm, torch.nn.Identity)  # the LayerNorm inside the modulation
+    assert not isinstance(block.norm1, torch.nn.Identity)  # the block stays pre-norm
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.05)
+    encoder_sd = source.image_encoder.state_dict()
+    official = {**_official_focalnet_layout(encoder_sd),
+                **{k: v for k, v in source.state_dict().items() if not k.startswith('image_encoder.')}}
+    assert any('modulation.ln.' in k for k in official)
+    path = str(tmp_path / 'focalnet.pth')
+    torch.save({'model': official}, path)
+    target = build_unicl_model(tiny_config(*opts, 'MODEL.IMAGE_ENCODER.FOCAL.USE_POSTLN', 'True')).eval()
+    assert load_pretrained(target, path, 'focalnet').missing == []
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(source.encode_image(images), target.encode_image(images), atol=1e-5)
+    # An encoder built without the option would silently drop modulation.ln: refused.
+    with pytest.raises(CheckpointError, match='no place in this focalnet encoder.*modulation.norm'):
+        load_pretrained(build_unicl_model(tiny_config(*opts)), path, 'focalnet', strict=False)
+
+
+def _saved_bytes_and_grads(model, run):
+    """Bytes of the tensors autograd keeps for backward during `run(model)`, and the gradients after it."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(model)
+    out.square().sum().backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('encoder', ['image', 'text'])
+def test_gradient_checkpointing_is_active_and_keeps_less(tiny_model, tokenizer, encoder):
+    """TRAIN.USE_CHECKPOINT -> set_grad_checkpointing: each encoder keeps far fewer activations for
+    backward (a no-op would keep as many) and the gradients stay the same."""
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 64, 64)
+    tokens = dict(tokenizer(['a red circle on a dark background'] * 4, padding='max_length', truncation=True,
+                            max_length=77, return_tensors='pt'))
+    run = (lambda m: m.encode_image(images)) if encoder == 'image' else (lambda m: m.encode_text(tokens))
+    model = tiny_model.train()
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, run)
+    model.set_grad_checkpointing(True)
+    checkpointed_bytes, grads = _saved_bytes_and_grads(model, run)
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name

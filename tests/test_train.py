@@ -1,7 +1,8 @@
-"""Training (main.py): the loss goes down, 2 gloo processes step like one, checkpoints resume the run
+"""Training (training/, run by main.py): the loss goes down, 2 gloo processes step like one, checkpoints resume the run
 exactly, SIGKILL loses at most the steps since the last save, SIGTERM saves, NaN stops or skips."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import main
+from model import build_unicl_model
 from tests.conftest import ROOT, TINY_CONFIG
+from training import Trainer
 from utils.checkpoint import CheckpointManager, safe_load
 
 # A fast, learnable setting: 32-px images, no random augmentation, 8 steps of 8 samples per epoch.
@@ -33,7 +36,7 @@ def _args(data, out, *opts, flags=()):
 def _trainer(data, out, *opts, rank=0, world_size=1):
     config = main.build_run_config(main.parse_option(_args(data, out, *opts)))
     torch.manual_seed(0)
-    return main.Trainer(config, rank, world_size, torch.device('cpu'))
+    return Trainer(config, rank, world_size, torch.device('cpu'))
 
 
 def _run_dir(out):
@@ -54,7 +57,7 @@ def test_a_few_steps_lower_the_loss(tiny_data, tmp_path):
     before = loss_on(batch)
     trainer.model.train()
     for _ in range(12):
-        loss, grad_norm = trainer.optimizer_step([batch])
+        loss, grad_norm, _ = trainer.optimizer_step([batch])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
     assert loss_on(batch) < before - 0.3
 
@@ -85,7 +88,7 @@ def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_pat
     rank0, rank1 = torch.load(result.format(0)), torch.load(result.format(1))
     reference = single.model.state_dict()
     torch.manual_seed(0)  # as every trainer here
-    initial = main.build_unicl_model(single.config).state_dict()
+    initial = build_unicl_model(single.config).state_dict()
     moved = 0
     for key, value in reference.items():
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas bit-identical
@@ -240,19 +243,166 @@ def test_torchrun_two_processes_a_dead_rank_ends_the_run_and_a_restart_resumes(t
     assert final['progress']['step'] == 16 and final['world_size'] == 2
 
 
-@pytest.mark.parametrize('sources, extra', [
-    ("[{'TYPE': 'imagefolder', 'PATH': 'labels'}]", []),
-    ("[{'TYPE': 'zip', 'PATH': 'labels/train.zip'}]", []),
-    ("[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]", []),
-    ("[{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv'}]", []),
-    ("[]", ['DATA.DATASET', 'imagenet']),  # the official single-folder layout: DATA_PATH/train
-    ("[]", ['DATA.DATASET', 'imagenet', 'DATA.ZIP_MODE', 'True']),
+@pytest.mark.parametrize('sources, extra, origin', [
+    ("[{'TYPE': 'imagefolder', 'PATH': 'labels'}]", [], '/labels/train/'),
+    ("[{'TYPE': 'zip', 'PATH': 'labels/train.zip'}]", [], 'train.zip@/'),
+    ("[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]", [], '/captions/shards/captions-'),
+    ("[{'TYPE': 'tsv', 'PATH': 'captions/captions.tsv'}]", [], '/captions/'),
+    ("[]", ['DATA.DATASET', 'imagenet'], '/labels/train/'),  # the official single-folder layout: DATA_PATH/train
+    ("[]", ['DATA.DATASET', 'imagenet', 'DATA.ZIP_MODE', 'True'], 'train.zip@/'),
 ], ids=['imagefolder', 'zip', 'webdataset', 'tsv', 'dataset-imagenet', 'dataset-imagenet-zip'])
-def test_trains_on_each_source(tiny_data, tmp_path, sources, extra):
+def test_trains_on_each_source(tiny_data, tmp_path, sources, extra, origin):
+    """Batches come from that source with its kind of label (class ids, or caption ids above them), and
+    the steps on them move the weights."""
     data = os.path.join(tiny_data, 'labels') if sources == '[]' else tiny_data
     trainer = _trainer(data, str(tmp_path), 'DATA.SOURCES', sources, *extra)
     trainer.build_training()
-    batches = iter(trainer.loader)
+    num_classes = trainer.loader.setup.labels.num_classes
+    labelled = 'captions' not in origin
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batches = trainer.loader.iter_with_info()
     for _ in range(2):
-        loss, grad_norm = trainer.optimizer_step([next(batches)])
+        images, tokens, labels, info = next(batches)
+        assert all(origin in where for where in info['where']), info['where']
+        assert bool((labels < num_classes).all()) if labelled else bool((labels >= num_classes).all())
+        loss, grad_norm, _ = trainer.optimizer_step([(images, tokens, labels)])
         assert torch.isfinite(torch.tensor([loss, grad_norm])).all()
+    after = trainer.model.state_dict()
+    assert sum(not torch.equal(v, after[k]) for k, v in before.items()) > len(before) // 2
+
+
+def _sigterm_at(trainer, steps):
+    """Make `trainer` receive SIGTERM during each optimizer step whose number (1-based) is in `steps`."""
+    step = trainer.optimizer_step
+
+    def step_and_signal(batches):
+        result = step(batches)
+        if trainer.progress.step + 1 in steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    trainer.optimizer_step = step_and_signal
+    return trainer
+
+
+def _fit(data, out, *opts, sigterm_at=()):
+    trainer = _sigterm_at(_trainer(data, out, *opts), sigterm_at)
+    trainer.build_training()
+    trainer.resume()
+    return trainer.fit(), trainer
+
+
+def test_sigterms_at_any_step_end_like_the_uninterrupted_run(tiny_data, tmp_path, caplog):
+    """SIGTERM on an epoch's last step (8), mid-epoch (3, 11) and on the run's last step (16), each followed
+    by the same command: the same step count, epoch summaries and weights as an uninterrupted run."""
+    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '4', 'TRAIN.KEEP_CHECKPOINTS', '0')
+    code, straight = _fit(tiny_data, str(tmp_path / 'straight'), *opts)
+    assert code == 0 and straight.progress.step == 16
+    out, restarts = str(tmp_path / 'interrupted'), 0
+    caplog.set_level('INFO', logger='unicl.train')
+    caplog.clear()  # only the interrupted runs' records (an earlier test may have let the straight run's through)
+    for at in (3, 8, 11, 16, None):
+        code, trainer = _fit(tiny_data, out, *opts, sigterm_at={at})
+        if code == 0:
+            break
+        assert code == 128 + signal.SIGTERM and trainer.progress.step == at
+        restarts += 1
+    assert restarts == 3 and code == 0  # the signal during the last step finishes the run
+    assert (trainer.progress.epoch, trainer.progress.step) == (2, 16)
+    assert [r.message.split(':')[0] for r in caplog.records if ' done: ' in r.message] == [
+        'epoch 0 done', 'epoch 1 done']  # every epoch summarized once, none extra
+    saved = [int(os.path.basename(p)[11:20]) for p in CheckpointManager(_run_dir(out), keep=0).checkpoints()]
+    assert {4, 12, 16} <= set(saved)  # SAVE_STEPS went on firing after the restarts
+    reference = straight.model.state_dict()
+    for key, value in trainer.model.state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
+
+
+def test_restart_of_a_run_started_from_a_release_file_continues(tiny_data, tmp_path, caplog):
+    """--resume RELEASE.pth only initializes weights: the same command started again takes the run's own
+    newest checkpoint, says so, and ends like the uninterrupted run."""
+    release = str(tmp_path / 'release.pth')
+    torch.manual_seed(7)
+    torch.save({'model': build_unicl_model(main.build_run_config(main.parse_option(
+        _args(tiny_data, str(tmp_path))))).state_dict()}, release)
+    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '2', 'TRAIN.KEEP_CHECKPOINTS', '2', 'MODEL.RESUME', release)
+    code, straight = _fit(tiny_data, str(tmp_path / 'straight'), *opts)
+    assert code == 0
+    out = str(tmp_path / 'restarted')
+    caplog.set_level('INFO', logger='unicl.train')
+    code, first = _fit(tiny_data, out, *opts, sigterm_at={5})
+    assert code == 128 + signal.SIGTERM and first.progress.step == 5
+    code, trainer = _fit(tiny_data, out, *opts)
+    assert code == 0 and trainer.progress.step == 16
+    assert [os.path.basename(p) for p in CheckpointManager(_run_dir(out)).checkpoints()] == [
+        'checkpoint_000000014.pth', 'checkpoint_000000016.pth']
+    assert any('next step 6' in r.message for r in caplog.records)  # not back to step 1
+    assert any('only initializes weights' in r.message and 'checkpoint_000000005.pth' in r.message
+               for r in caplog.records)
+    reference = straight.model.state_dict()
+    for key, value in trainer.model.state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-6), key
+
+
+def test_checkpoint_manager_never_deletes_the_checkpoint_it_wrote(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    for step in (100, 101, 102):
+        manager.save({'step': step}, step)
+    for step in (1, 2, 3):
+        path = manager.save({'step': step}, step)
+        assert os.path.exists(path)
+    assert [os.path.basename(p) for p in manager.checkpoints()] == ['checkpoint_000000003.pth',
+                                                                     'checkpoint_000000102.pth']
+
+
+def test_fp16_overflow_skips_are_counted_not_fatal(tiny_data, tmp_path, caplog):
+    """An fp16 GradScaler overflow skips the step and lowers the scale; the run goes on (NAN_POLICY stop)."""
+    trainer = _trainer(tiny_data, str(tmp_path / 'fp16'), 'AMP_OPT_LEVEL', 'fp16', 'TRAIN.EPOCHS', '1')
+    assert trainer.scaler is not None and trainer.scaler.is_enabled()  # on this device too (CPU here)
+    trainer.scaler = torch.amp.GradScaler(trainer.device.type, init_scale=2.0 ** 20)  # overflows at first
+    trainer.build_training()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    caplog.set_level('INFO', logger='unicl.train')
+    assert trainer.fit() == 0
+    assert 1 <= trainer.progress.overflow_steps < 8 and trainer.progress.skipped_steps == 0
+    assert trainer.scaler.get_scale() < 2.0 ** 20
+    assert sum('fp16 gradient overflow' in r.message for r in caplog.records) == trainer.progress.overflow_steps
+    assert not torch.equal(before['image_projection'], trainer.model.state_dict()['image_projection'])
+    # A real NaN loss still follows NAN_POLICY.
+    nan = _trainer(tiny_data, str(tmp_path / 'nan'), 'AMP_OPT_LEVEL', 'fp16', 'MODEL.LOGIT_SCALE_INIT', '1e999')
+    nan.build_training()
+    with pytest.raises(FloatingPointError, match='epoch 0 step 1'):
+        nan.fit()
+
+
+def _step_gradients(trainer, batches):
+    """The gradients `optimizer_step(batches)` hands the optimizer (after unscaling and clipping)."""
+    seen = {}
+
+    def record():
+        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    trainer.optimizer.register_step_pre_hook(lambda *_: record())
+    trainer.optimizer_step(batches)
+    return seen
+
+
+def test_accumulation_divides_the_loss(tiny_data, tmp_path):
+    """ACCUMULATION_STEPS 2 over [b, b] gives the gradient of ACCUMULATION_STEPS 1 over [b]."""
+    one = _trainer(tiny_data, str(tmp_path / 'one'), 'TRAIN.CLIP_GRAD', '0.0')
+    one.build_training()
+    batch = next(iter(one.loader))
+    two = _trainer(tiny_data, str(tmp_path / 'two'), 'TRAIN.CLIP_GRAD', '0.0', 'TRAIN.ACCUMULATION_STEPS', '2')
+    two.build_training()
+    expected, got = _step_gradients(one, [batch]), _step_gradients(two, [batch, batch])
+    assert set(expected) == set(got) and len(got) > 10
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_logit_scale_is_clamped_to_its_maximum(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data, str(tmp_path), 'MODEL.LOGIT_SCALE_INIT', '5.0')
+    trainer.build_training()
+    trainer.optimizer_step([next(iter(trainer.loader))])
+    maximum = trainer.config.MODEL.LOGIT_SCALE_MAX
+    assert maximum == pytest.approx(math.log(100))
+    assert trainer.model.logit_scale.item() <= maximum + 1e-6  # float32 rounding of ln 100

@@ -1,16 +1,8 @@
-"""Checkpoint files: safe loading, layout conversion (official UniCL, K-LITE/ELEVATER, ours), atomic
-writing, and export back to the official layout.
-
-Layouts accepted by `load_pretrained`:
-- a UniCL release or training file, `{'model': state_dict, ...}` with `image_encoder.*`,
-  `text_encoder.*`, `image_projection`, `text_projection`, `logit_scale` (official Swin naming);
-- a bare state dict with those keys (ours use timm's Swin naming; both convert);
-- the K-LITE/ELEVATER layout: `visual.*`, `text.*`, `vision_projection`;
-- any of the above under a DDP `module.` prefix.
+"""Checkpoint files: safe loading, downloading, atomic writing, checked loading of a state dict, and the
+training checkpoints of a run folder. Nothing here knows the model: layouts are model/checkpoint.py's.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -21,14 +13,11 @@ import tempfile
 import types
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-
-from model.image_encoder import get_image_encoder_entry
 
 StateDict = Dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
@@ -152,13 +141,10 @@ def save_atomic(obj: Any, path: str) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Layouts
-# ----------------------------------------------------------------------------------------------------
-_KLITE_PREFIXES = (('visual.', 'image_encoder.'), ('text.', 'text_encoder.'),
-                   ('vision_projection', 'image_projection'))
 
-
+# ----------------------------------------------------------------------------------------------------
+# State dicts
+# ----------------------------------------------------------------------------------------------------
 def extract_state_dict(obj: Any, source: str = 'checkpoint') -> StateDict:
     """The model state dict inside a loaded file: `obj['model']`, `obj['state_dict']`, or `obj` itself."""
     for key in ('model', 'state_dict'):
@@ -170,48 +156,6 @@ def extract_state_dict(obj: Any, source: str = 'checkpoint') -> StateDict:
     return dict(obj)
 
 
-def to_unicl_names(state_dict: StateDict) -> StateDict:
-    """Strip a DDP `module.` prefix and map K-LITE/ELEVATER names onto UniCL's."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
-        for old, new in _KLITE_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out
-
-
-def _split(state_dict: StateDict, prefix: str) -> Tuple[StateDict, StateDict]:
-    inside = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    outside = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-    return inside, outside
-
-
-def to_model_layout(state_dict: StateDict, model: nn.Module, image_type: str) -> StateDict:
-    """Any accepted layout -> the keys and shapes of `model` (a `UniCLModel`)."""
-    state_dict = to_unicl_names(state_dict)
-    image_sd, rest = _split(state_dict, 'image_encoder.')
-    if image_sd:
-        image_sd = get_image_encoder_entry(image_type).from_official(image_sd, model.image_encoder)
-    rest.update({'image_encoder.' + k: v for k, v in image_sd.items()})
-    return rest
-
-
-def to_official_layout(state_dict: StateDict, model: nn.Module, image_type: str) -> StateDict:
-    """`model.state_dict()` -> the layout the official UniCL code loads."""
-    entry = get_image_encoder_entry(image_type)
-    if entry.to_official is None:
-        raise CheckpointError(f'no official layout is known for MODEL.IMAGE_ENCODER.TYPE {image_type!r}')
-    image_sd, rest = _split(state_dict, 'image_encoder.')
-    rest.update({'image_encoder.' + k: v for k, v in entry.to_official(image_sd, model.image_encoder).items()})
-    return rest
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading into a model
-# ----------------------------------------------------------------------------------------------------
 @dataclass
 class LoadReport:
     source: str
@@ -249,25 +193,6 @@ def load_state_dict_checked(model: nn.Module, state_dict: StateDict, source: str
     return report
 
 
-def load_pretrained(model: nn.Module, source: str, image_type: str, strict: bool = True,
-                    sha256: Optional[str] = None, cache_dir: str = DEFAULT_CACHE) -> LoadReport:
-    """Load model weights from a path or URL in any accepted layout into `model` (a `UniCLModel`)."""
-    path = resolve_source(source, cache_dir=cache_dir, sha256=sha256)
-    return load_loaded(model, safe_load(path), source, image_type, strict)
-
-
-def load_loaded(model: nn.Module, obj: Any, source: str, image_type: str, strict: bool = True) -> LoadReport:
-    """`load_pretrained` for a file already read with `safe_load` (`source` names it in messages)."""
-    state_dict = extract_state_dict(obj, source)
-    return load_state_dict_checked(model, to_model_layout(state_dict, model, image_type), source, strict)
-
-
-def export_official(model: nn.Module, image_type: str, path: str) -> None:
-    """Write `model` as `{'model': state_dict}` in the official layout, which the official code loads."""
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({'model': OrderedDict(to_official_layout(state_dict, model, image_type))}, path)
-
-
 class CheckpointManager:
     """Training checkpoints in one folder, `checkpoint_<step>.pth`, the newest `keep` of them kept.
 
@@ -289,12 +214,23 @@ class CheckpointManager:
         return [os.path.join(self.directory, name) for _, name in sorted(found)]
 
     def save(self, state: Dict[str, Any], step: int) -> str:
+        """Write `state` as the checkpoint of `step`; then delete the oldest beyond `keep`, never this one
+        (checkpoints of higher steps may be left from an earlier attempt that went further)."""
         path = os.path.join(self.directory, f'checkpoint_{step:09d}.pth')
         save_atomic(state, path)
         self._remove_stale_temp_files()
-        for old in self.checkpoints()[:-self.keep] if self.keep > 0 else []:
+        others = [p for p in self.checkpoints() if p != path]
+        later = [p for p in others if self._step(p) > step]
+        if later:
+            logger.warning(f'{len(later)} checkpoint(s) in {self.directory} are of later steps than {step}, '
+                           f'e.g. {later[-1]}; resuming picks the highest step')
+        for old in others[:len(others) - (self.keep - 1)] if self.keep > 0 else []:
             os.unlink(old)
         return path
+
+    @classmethod
+    def _step(cls, path: str) -> int:
+        return int(cls._NAME.match(os.path.basename(path)).group(1))
 
     def _remove_stale_temp_files(self) -> None:
         # A run killed while writing leaves its temp file; the one writer (rank 0) has just finished its own.
@@ -311,24 +247,3 @@ class CheckpointManager:
                 logger.warning(f'cannot read {path} ({e}); trying an older checkpoint')
         return None, None
 
-
-def _export_main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog='python -m utils.checkpoint',
-        description='Export a checkpoint of this project to the official UniCL layout ({"model": state_dict}).')
-    parser.add_argument('--cfg', required=True, help='config the checkpoint was trained with')
-    parser.add_argument('--checkpoint', required=True, help='path or URL of the checkpoint to convert')
-    parser.add_argument('--output', required=True, help='file to write')
-    parser.add_argument('--opts', nargs='+', default=None, help='config overrides, KEY VALUE pairs')
-    args = parser.parse_args(argv)
-    from configs import load_config
-    from model import build_unicl_model
-    config = load_config(args.cfg, args.opts)
-    model = build_unicl_model(config)
-    load_pretrained(model, args.checkpoint, config.MODEL.IMAGE_ENCODER.TYPE)
-    export_official(model, config.MODEL.IMAGE_ENCODER.TYPE, args.output)
-    print(f'wrote {args.output}')
-
-
-if __name__ == '__main__':
-    _export_main()

@@ -87,6 +87,9 @@ class StreamSource(Source):
     """Sequential reading, partitioned into `num_slots` disjoint slots (one per rank and loader worker)."""
 
     is_stream = True
+    # What a saved position means; a new value makes positions saved under the old one count as another
+    # data layout (the loader warns that the batches from there on differ).
+    position_format = 1
 
     @abstractmethod
     def iterate(self, slot: int, num_slots: int, seed: int,

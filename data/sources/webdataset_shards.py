@@ -18,11 +18,15 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 
 
 def expand_shards(pattern: str) -> List[str]:
-    """A directory (its *.tar, sorted), or brace patterns joined by '::' (webdataset's convention),
-    e.g. 'cc3m/{00000..00331}.tar::cc12m/{00000..01242}.tar'."""
-    if os.path.isdir(pattern):
-        return sorted(glob.glob(os.path.join(pattern, '*.tar')))
-    return [url for part in pattern.split('::') if part for url in braceexpand(part)]
+    """Shard urls of '::'-joined parts (webdataset's convention), each a folder (its *.tar, sorted), a
+    brace pattern or a url, e.g. 'gcc3m::gcc12m' or 'cc3m/{00000..00331}.tar::pipe:curl -s URL'."""
+    return [url for part in pattern.split('::') if part for url in _expand_part(part)]
+
+
+def _expand_part(part: str) -> List[str]:
+    if os.path.isdir(part):
+        return sorted(glob.glob(os.path.join(part, '*.tar')))
+    return list(braceexpand(part))
 
 
 def _is_local(url: str) -> bool:
@@ -43,11 +47,16 @@ def _stats_successes(shards: List[str]) -> Optional[int]:
 
 @register_source('webdataset')
 class WebDatasetSource(StreamSource):
-    """Shards are dealt out to the slots (rank x worker) after one seeded shuffle, so slots read disjoint
-    data; with fewer shards than slots, the slots sharing a shard take every k-th sample of it. A slot
-    cycles through its shards endlessly, in a new order each pass, and shuffles each shard through a
-    buffer that empties at the shard's end, so a position (pass, shard, samples emitted) can be
-    replayed exactly by re-reading only that one shard."""
+    """Shards are read as pieces: a shard whole, or, with fewer shards than slots (rank x worker), split
+    into k sample-wise parts (the samples whose index in the shard is r mod k) so that there are at least as
+    many pieces as slots. Pass p is a seeded permutation of all pieces; the passes laid end to end make one
+    endless sequence, and slot s reads its pieces s, s + S, s + 2S, ... of it. Every slot reads at the same
+    pace, so every piece is read once per pass whatever the shard and slot counts: each sample's reading
+    rate is the same (dealing shards to slots once for the run read some slots' shards twice as often as
+    others'). A piece is shuffled through a buffer that empties at its end, so a position (pass, piece,
+    samples emitted) is replayed exactly by re-reading only that piece."""
+
+    position_format = 2  # [pass, piece, emitted] in the sequence of pieces (1: in the slot's own shards)
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
@@ -64,33 +73,31 @@ class WebDatasetSource(StreamSource):
     def num_samples(self) -> Optional[int]:
         return self._num_samples
 
-    def _assignment(self, slot: int, num_slots: int, seed: int) -> Tuple[List[str], int, int]:
-        """(this slot's shards, k, r): the slot keeps the samples whose index in a shard is r mod k."""
-        shuffled = [self.shards[i] for i in np.random.default_rng([seed]).permutation(len(self.shards))]
-        if len(shuffled) >= num_slots:
-            return shuffled[slot::num_slots], 1, 0
-        shard = slot % len(shuffled)
-        return [shuffled[shard]], len(range(shard, num_slots, len(shuffled))), slot // len(shuffled)
-
     def iterate(self, slot: int, num_slots: int, seed: int,
                 position: StreamPosition) -> Iterator[Tuple[Union[Record, BadSample], StreamPosition]]:
-        shards, modulus, remainder = self._assignment(slot, num_slots, seed)
-        pass_, start, emitted = position
+        parts = -(-num_slots // len(self.shards))  # pieces per shard: at least one piece per slot and pass
+        pieces = len(self.shards) * parts
+        pass_, index, emitted = position
+        at = pass_ * pieces + index  # place in the endless sequence of pieces
+        if emitted == 0:  # a fresh position (saved ones have emitted >= 1): this slot's next piece
+            at += (slot - at) % num_slots
+        order, order_pass, empty_in_a_row = None, -1, 0
         while True:
-            order = np.random.default_rng([seed, slot, pass_]).permutation(len(shards))
-            whole_pass, records = start == 0 and emitted == 0, 0
-            for i in range(start, len(shards)):
-                rng = random.Random(f'{seed}/{slot}/{pass_}/{i}')
-                items = self._shard_items(shards[order[i]], modulus, remainder, rng)
-                for n, item in enumerate(items, 1):
-                    if n > emitted:
-                        records += isinstance(item, Record)
-                        yield item, [pass_, i, n]
-                emitted = 0
-            if whole_pass and records == 0:
-                raise RuntimeError(f'data source {self.name!r}: a full pass over {len(shards)} shard(s) of '
-                                   f'{self.spec.path} gave no sample with an image')
-            pass_, start = pass_ + 1, 0
+            pass_, index = divmod(at, pieces)
+            if pass_ != order_pass:
+                order, order_pass = np.random.default_rng([seed, pass_]).permutation(pieces), pass_
+            shard, part = divmod(int(order[index]), parts)
+            rng = random.Random(f'{seed}/{pass_}/{index}')
+            records = 0
+            for n, item in enumerate(self._shard_items(self.shards[shard], parts, part, rng), 1):
+                if n > emitted:
+                    records += isinstance(item, Record)
+                    yield item, [pass_, index, n]
+            empty_in_a_row = 0 if records else empty_in_a_row + 1
+            if empty_in_a_row >= pieces:
+                raise RuntimeError(f'data source {self.name!r}: {pieces} piece(s) of {len(self.shards)} shard(s) '
+                                   f'of {self.spec.path} in a row gave no sample with an image')
+            at, emitted = at + num_slots, 0
 
     def _shard_items(self, url: str, modulus: int, remainder: int,
                      rng: random.Random) -> Iterator[Union[Record, BadSample]]:

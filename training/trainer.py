@@ -1,0 +1,363 @@
+"""The training loop: one optimizer step, epochs, checkpoints and resuming, validation, throughput.
+
+One optimizer step: ACCUMULATION_STEPS batches of (images, tokens, labels) -> model -> normalized
+features -> UniCLLoss over the batch gathered from all ranks (per micro-batch, or over all of them with
+TRAIN.ACCUMULATION_MODE features; see accumulation.py) -> backward (DDP averages gradients) -> unscale +
+clip -> AdamW -> per-step LR -> clamp logit_scale.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict
+from typing import Any, Dict, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from data import build_train_loader
+from evaluation import Encoder, run_zeroshot
+from loss import UniCLLoss
+from model import UniCLModel, build_tokenizer, build_unicl_model
+from model.checkpoint import load_loaded, load_pretrained
+from utils.checkpoint import CheckpointManager, resolve_source, safe_load
+from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
+from utils.precision import autocast, autocast_dtype
+
+from .accumulation import StepParts, get_accumulation_mode
+from .metrics import Meter, open_tensorboard, peak_memory_mb
+from .signals import StopRequest
+from .state import Progress, all_rng_states, set_rng_state
+
+logger = logging.getLogger('unicl.train')
+
+
+class StepResult(NamedTuple):
+    loss: float  # the global loss, the same on all ranks
+    grad_norm: float
+    overflow: bool = False  # fp16: the GradScaler found inf/NaN gradients, skipped the step, lowered its scale
+
+
+class Trainer:
+    def __init__(self, config, rank: int, world_size: int, device: torch.device):
+        self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
+        self.accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+        self.amp_dtype = autocast_dtype(config.AMP_OPT_LEVEL, device)
+        self.tokenizer = build_tokenizer(config.MODEL.TEXT_ENCODER)
+        self.model: UniCLModel = build_unicl_model(config).to(device)
+        if config.TRAIN.USE_CHECKPOINT:
+            self.model.set_grad_checkpointing(True)
+        if config.MODEL.PRETRAINED:
+            load_pretrained(self.model, config.MODEL.PRETRAINED, config.MODEL.IMAGE_ENCODER.TYPE, strict=False)
+        self.ddp = None
+        if world_size > 1:
+            with warnings.catch_warnings():
+                # Newer torch renames the flag; the buffers (Swin's index tables and masks) are constants,
+                # so re-broadcasting them every forward would be a wasted collective.
+                warnings.filterwarnings('ignore', message='.*broadcast_buffers.*')
+                self.ddp = DistributedDataParallel(
+                    self.model, device_ids=[device.index] if device.type == 'cuda' else None,
+                    broadcast_buffers=False)
+        self.criterion = UniCLLoss(tile_size=config.TRAIN.LOSS_TILE_SIZE)
+        mode = get_accumulation_mode(config.TRAIN.ACCUMULATION_MODE)
+        # With a single micro-batch the modes agree; the plain one spares the second forward.
+        self.accumulate = mode if self.accumulation > 1 else get_accumulation_mode('gradients')
+        self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
+        self.progress = Progress()
+        self.loader = None
+        self.optimizer = self.scheduler = None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def build_training(self) -> None:
+        self.validation_folder()  # a wrong VAL_PATH fails now, not after the first epoch
+        self.loader = build_train_loader(self.config, self.tokenizer, self.rank, self.world_size)
+        if len(self.loader) < self.accumulation:
+            raise ValueError(f'an epoch has {len(self.loader)} batches, fewer than ACCUMULATION_STEPS '
+                             f'({self.accumulation})')
+        self.build_optimization(len(self.loader) // self.accumulation)
+
+    def build_optimization(self, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        lrs = scaled_learning_rates(self.config, self.world_size)
+        logger.info(f'learning rate {lrs.base:.3g} (warmup from {lrs.warmup:.3g}, min {lrs.minimum:.3g}) '
+                    f'for a global batch of {self.global_batch}')
+        self.optimizer = build_optimizer(self.config, self.model, lrs.base)
+        self.scheduler = build_scheduler(self.config, self.optimizer, steps_per_epoch, lrs)
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.DATA.BATCH_SIZE * self.world_size * self.accumulation
+
+    @property
+    def contrastive_batch(self) -> int:
+        """Pairs one loss sees: the global batch with ACCUMULATION_MODE features, else one micro-batch's."""
+        per_loss = self.accumulation if self.config.TRAIN.ACCUMULATION_MODE == 'features' else 1
+        return self.config.DATA.BATCH_SIZE * self.world_size * per_loss
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state(self) -> Dict[str, Any]:
+        return {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict() if self.scaler else None,
+            'progress': asdict(self.progress),
+            'data': self.loader.state_dict(),  # the position in the epoch and in the shard streams
+            'rng': all_rng_states(),
+            'world_size': self.world_size,
+            'config': self.config.dump(),
+        }
+
+    def save(self) -> None:
+        state = self.state()  # on every rank: gathering RNG states and stream positions is a collective
+        if self.rank == 0:
+            path = self.checkpoints.save(state, self.progress.step)
+            logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
+
+    def resume(self) -> None:
+        """Continue from MODEL.RESUME ('latest' or a file), or the newest checkpoint with AUTO_RESUME.
+
+        A MODEL.RESUME file that only holds weights (a release) initializes a new run; once the run has
+        checkpoints of its own, the newest of them wins (as the official AUTO_RESUME overrides RESUME), so
+        the same command started again (torchrun --max-restarts, a requeue) continues instead of restarting
+        from the release."""
+        source = self.config.MODEL.RESUME
+        path, state = None, None
+        if source == 'latest' or (not source and self.config.TRAIN.AUTO_RESUME):
+            path, state = self.checkpoints.load_latest()
+            if path is None:
+                logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
+                return
+        elif source:
+            path, state = source, safe_load(resolve_source(source))
+            if 'optimizer' not in state and self.config.TRAIN.AUTO_RESUME:
+                own_path, own_state = self.checkpoints.load_latest()
+                if own_path is not None:
+                    logger.info(f'MODEL.RESUME {source} only initializes weights and this run has its own '
+                                f'checkpoints: taking the newest, {own_path}')
+                    path, state = own_path, own_state
+        else:
+            return
+        if 'optimizer' not in state:  # a release file: weights only
+            load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
+            logger.info(f'initialized the weights from {path} (MODEL.RESUME); training starts at step 1')
+            return
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['lr_scheduler'])
+        if self.scaler and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        self.progress = Progress(**state['progress'])
+        if state.get('data') is not None:
+            self.loader.load_state_dict(state['data'])
+        if state.get('world_size') == self.world_size:
+            set_rng_state(state['rng'][self.rank])
+        else:
+            logger.warning(f'checkpoint from {state.get("world_size")} processes, now {self.world_size}: '
+                           f'RNG streams restart and the data order of this epoch changes')
+        logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
+                    f'next step {self.progress.step + 1}')
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def _autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def _step_parts(self) -> StepParts:
+        return StepParts(model=self.model, module=self.ddp or self.model, ddp=self.ddp, criterion=self.criterion,
+                         autocast=self._autocast, scaler=self.scaler, device=self.device)
+
+    def optimizer_step(self, batches) -> StepResult:
+        """One step over `batches`. A non-finite loss (or, without a GradScaler, gradient) leaves the weights
+        alone for `handle_nonfinite` to judge; an fp16 overflow is the GradScaler's normal skip."""
+        loss = self.accumulate(self._step_parts(), batches)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss.item(), float('nan'))
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.TRAIN.CLIP_GRAD or float('inf')
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not self.scaler and not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss.item(), grad_norm.item())
+        overflow = False
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when unscale_ found inf/NaN gradients
+            self.scaler.update()
+            overflow = self.scaler.get_scale() < scale  # the scale only goes down after a skipped step
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, self.config.MODEL.LOGIT_SCALE_MAX)
+        return StepResult(loss.item(), grad_norm.item(), overflow)
+
+    # -- loops ----------------------------------------------------------------------------------------
+    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        where = f'epoch {self.progress.epoch} step {self.progress.step + 1} (loss {loss}, grad norm {grad_norm})'
+        last = self.checkpoints.checkpoints()
+        if self.config.TRAIN.NAN_POLICY == 'skip':
+            self.progress.skipped_steps += 1
+            logger.warning(f'non-finite at {where}: step skipped ({self.progress.skipped_steps} so far)')
+            return
+        raise FloatingPointError(f'non-finite at {where}; stopping. The last good checkpoint is '
+                                 f'{last[-1] if last else "none (no checkpoint was saved yet)"}')
+
+    def train_one_epoch(self, stop: StopRequest, writer) -> bool:
+        """Returns False when a signal asked the run to stop within the epoch (after saving). A signal that
+        arrives during the epoch's last step is left to `fit`, which ends the epoch first."""
+        config, progress = self.config, self.progress
+        self.loader.set_epoch(progress.epoch)
+        self.model.train()
+        total_steps = config.TRAIN.EPOCHS * self.steps_per_epoch
+        step_in_epoch = progress.step - progress.epoch * self.steps_per_epoch
+        loss_meter, norm_meter = Meter(), Meter()
+        window_start, window_steps, run_start, run_steps = time.time(), 0, time.time(), 0
+        batches = []
+        for batch in self.loader:
+            batches.append(batch)
+            if len(batches) < self.accumulation:
+                continue
+            self.scheduler.step_update(progress.step)
+            loss, grad_norm, overflow = self.optimizer_step(batches)
+            batches = []
+            if overflow:
+                progress.overflow_steps += 1
+                logger.info(f'fp16 gradient overflow at step {progress.step + 1}: step skipped, loss scale '
+                            f'now {self.scaler.get_scale():g} ({progress.overflow_steps} skipped so far)')
+            elif not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                self.handle_nonfinite(loss, grad_norm)
+            else:
+                loss_meter.update(loss)
+                norm_meter.update(grad_norm)
+            progress.step += 1
+            step_in_epoch += 1
+            window_steps += 1
+            run_steps += 1
+            if progress.step % config.PRINT_FREQ == 0 or step_in_epoch == self.steps_per_epoch:
+                elapsed = time.time() - window_start
+                images_per_sec = window_steps * self.global_batch / max(elapsed, 1e-9)
+                eta = (total_steps - progress.step) * (time.time() - run_start) / run_steps
+                lr = self.optimizer.param_groups[0]['lr']
+                logger.info(
+                    f'Train: [{progress.epoch}/{config.TRAIN.EPOCHS}][{step_in_epoch}/{self.steps_per_epoch}] '
+                    f'step {progress.step}  lr {lr:.3e}  loss {loss:.4f} ({loss_meter.avg:.4f})  '
+                    f'grad_norm {grad_norm:.3f} ({norm_meter.avg:.3f})  '
+                    f'logit_scale {self.model.logit_scale.exp().item():.2f}  {images_per_sec:.1f} img/s  '
+                    f'mem {peak_memory_mb(self.device):.0f}MB  '
+                    f'eta {datetime.timedelta(seconds=int(eta))}')
+                if writer:
+                    for name, value in (('loss', loss), ('lr', lr), ('grad_norm', grad_norm),
+                                        ('logit_scale', self.model.logit_scale.exp().item()),
+                                        ('images_per_sec', images_per_sec)):
+                        writer.add_scalar(f'train/{name}', value, progress.step)
+                window_start, window_steps = time.time(), 0
+            if step_in_epoch == self.steps_per_epoch:
+                # Leftover batches cannot fill an accumulation group. The epoch's end (its counter, its
+                # save, a pending stop) is `fit`'s: a checkpoint taken here, before the counter moves on,
+                # would resume with the data one epoch ahead of the training.
+                break
+            signum = stop.agreed(self.device)
+            if signum:
+                logger.warning(f'signal {signum}: saving at step {progress.step} and exiting')
+                self.save()
+                return False
+            if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0:
+                self.save()
+        skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
+        logger.info(f'epoch {progress.epoch} done: loss {loss_meter.avg:.4f}, grad_norm {norm_meter.avg:.3f}'
+                    + (f', fp16 overflow steps so far {progress.overflow_steps}' if self.scaler else '')
+                    + (f', bad samples skipped {skipped}' if skipped else ''))
+        if writer:
+            writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
+        return True
+
+    def validation_folder(self, required: bool = False) -> Optional[str]:
+        """DATA.VAL_PATH (relative to DATA_PATH, as DATA.SOURCES paths are), or DATA_PATH/val when it is
+        empty; None when that default folder does not exist, unless `required`. A VAL_PATH that is not
+        a folder fails."""
+        data = self.config.DATA
+        path = os.path.join(data.DATA_PATH, data.VAL_PATH or 'val')
+        if os.path.isdir(path):
+            return path
+        if data.VAL_PATH or required:
+            raise FileNotFoundError(f'DATA.VAL_PATH {data.VAL_PATH!r}: no folder {path}')
+        return None
+
+    def validate(self, writer) -> Optional[float]:
+        val_path = self.validation_folder()
+        if val_path is None:
+            logger.info('no DATA.VAL_PATH and no DATA_PATH/val folder: skipping zero-shot validation')
+            return None
+        # The same autocast as training; evaluate.py defaults to it too (the config's AMP_OPT_LEVEL).
+        encoder = Encoder(self.model, self.tokenizer, self.config, self.device, self.amp_dtype)
+        result = run_zeroshot(encoder, val_path)
+        self.progress.max_accuracy = max(self.progress.max_accuracy or 0.0, result.top1)
+        logger.info(f'zero-shot on {result.num_images} images of {val_path}: Acc@1 {result.top1:.2f} '
+                    f'Acc@5 {result.top5:.2f}  (best Acc@1 {self.progress.max_accuracy:.2f})')
+        if writer:
+            writer.add_scalar('val/acc1', result.top1, self.progress.epoch)
+            writer.add_scalar('val/acc5', result.top5, self.progress.epoch)
+        return result.top1
+
+    def fit(self) -> int:
+        """Train to TRAIN.EPOCHS; returns the process exit code (non-zero after a stop signal)."""
+        config, progress = self.config, self.progress
+        writer = open_tensorboard(config, self.rank)
+        logger.info(f'training {config.TRAIN.EPOCHS} epochs x {self.steps_per_epoch} steps, global batch '
+                    f'{self.global_batch} (contrastive batch {self.contrastive_batch}), autocast {self.amp_dtype}, '
+                    f'{self.world_size} process(es)')
+        start = time.time()
+        with StopRequest() as stop:
+            try:
+                while progress.epoch < config.TRAIN.EPOCHS:
+                    if not self.train_one_epoch(stop, writer):
+                        return 128 + stop.signum
+                    epoch = progress.epoch
+                    progress.epoch += 1
+                    signum = stop.agreed(self.device)
+                    steps_due = config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0
+                    if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS or steps_due or signum:
+                        self.save()
+                    if signum and progress.epoch < config.TRAIN.EPOCHS:
+                        logger.warning(f'signal {signum}: saved at the end of epoch {epoch} (step {progress.step}), '
+                                       f'exiting before its validation')
+                        return 128 + signum
+                    self.validate(writer)
+            finally:
+                if writer:
+                    writer.close()
+        best = 'n/a' if progress.max_accuracy is None else f'{progress.max_accuracy:.2f}'
+        logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start))}, '
+                    f'best zero-shot Acc@1 {best}')
+        return 0
+
+    @torch.no_grad()
+    def throughput(self) -> None:
+        """Images/s of the image encoder and of a full forward on one training batch (as the official)."""
+        images, tokens, _ = next(iter(self.loader))
+        images = images.to(self.device)
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        self.model.eval()
+        warmup, timed = (50, 30) if self.device.type == 'cuda' else (2, 5)
+        for name, run in (('image encoder', lambda: self.model.encode_image(images)),
+                          ('image + text', lambda: self.model(images, tokens))):
+            with self._autocast():
+                for _ in range(warmup):
+                    run()
+                if self.device.type == 'cuda':
+                    torch.cuda.synchronize()
+                start = time.time()
+                for _ in range(timed):
+                    run()
+                if self.device.type == 'cuda':
+                    torch.cuda.synchronize()
+            logger.info(f'{name}: batch {images.shape[0]}, {timed * images.shape[0] / (time.time() - start):.1f} '
+                        f'images/s')
+
