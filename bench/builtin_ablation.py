@@ -96,7 +96,8 @@ def main(argv=None) -> None:
     curves = {f'{title}, seed {seed}': [e['acc1'] for e in run]
               for title, by_seed in results.items() for seed, run in by_seed.items()}
     plot = plot_runs(curves, os.path.join(output, 'ablation.png'), 'zero-shot Acc@1 on the held-out '
-                     '"colour shape" classes', 'Acc@1 (%)', chance=CHANCE)
+                     '"colour shape" classes', 'Acc@1 (%)', chance=CHANCE,
+                     group=lambda label: label.rsplit(', seed', 1)[0])
     table = summary_table(results)
     report = ['# Ablation on the built-in data', '',
               f'Zero-shot on the 16 held-out "colour shape" classes (chance {CHANCE:.2f}, colour alone 25), '

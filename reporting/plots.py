@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import matplotlib
 
@@ -47,14 +47,21 @@ def plot_training_curves(scalars: Dict[str, Series], path: str) -> str:
 
 
 def plot_runs(curves: Dict[str, Sequence[float]], path: str, title: str, ylabel: str,
-              chance: float = None) -> str:
-    """One line per run over epochs 1..N (e.g. zero-shot Acc@1 of each ablation run and seed)."""
-    figure, ax = plt.subplots(figsize=(8, 5))
+              chance: Optional[float] = None, group: Callable[[str], str] = lambda label: label) -> str:
+    """One line per run over epochs 1..N (e.g. zero-shot Acc@1 of each ablation run and seed). Runs of the
+    same `group(label)` share a colour and differ in line style."""
+    figure, ax = plt.subplots(figsize=(9, 5))
+    colours, seen = {}, {}
+    styles = ['-', '--', ':', '-.']
     for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, 'o-', label=label, ms=3)
+        key = group(label)
+        colour = colours.setdefault(key, f'C{len(colours)}')
+        style = styles[seen.setdefault(key, 0) % len(styles)]
+        seen[key] += 1
+        ax.plot(range(1, len(values) + 1), values, marker='o', ls=style, color=colour, label=label, ms=3)
     if chance is not None:
         ax.axhline(chance, color='grey', ls='--', lw=1, label=f'chance ({chance:g})')
     ax.set(title=title, xlabel='epoch', ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
     return _save(figure, path)
