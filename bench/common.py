@@ -37,11 +37,6 @@ def run_child(script: str, args: Sequence[str], timeout: int = 1800) -> Dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def markdown_table(header: List[str], rows: List[List[object]]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
     lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]

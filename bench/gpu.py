@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,36 +21,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.common import machine, markdown_table, write_results  # noqa: E402
-from bench.train_step import text_batch  # noqa: E402
-from configs import load_config  # noqa: E402
-from loss import UniCLLoss  # noqa: E402
-from model import build_tokenizer, build_unicl_model  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.precision import autocast  # noqa: E402
+from bench.workload import Workload  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of common training GPUs, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}
-
-
-class Step:
-    """One training step at a given batch, on fixed random data."""
-
-    def __init__(self, model, optimizer, tokenizer, config, batch: int, device: torch.device, dtype):
-        size = config.DATA.IMG_SIZE
-        self.model, self.optimizer, self.device, self.dtype = model, optimizer, device, dtype
-        self.images = torch.randn(batch, 3, size, size, device=device)
-        self.tokens = {k: v.to(device) for k, v in text_batch(tokenizer, batch, False, 77).items()}
-        self.labels = torch.arange(batch, device=device)
-        self.criterion = UniCLLoss()
-
-    def __call__(self, optimize: bool = True) -> None:
-        with autocast(self.device, self.dtype):
-            image_features, text_features, scale = self.model(self.images, self.tokens)
-        loss = self.criterion(image_features, text_features, self.labels, scale)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if optimize:
-            self.optimizer.step()
 
 
 def fits(make_step, batch: int) -> bool:
@@ -89,32 +62,13 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('no CUDA device: this benchmark needs a GPU (or --device cpu for a smoke test)')
-    torch.manual_seed(0)
-    config = load_config(os.path.join(ROOT, 'configs', f'{args.config}.yaml'))
-    model = build_unicl_model(config).to(device).train()
-    optimizer = build_optimizer(config, model, 1e-4)
-    tokenizer = build_tokenizer(config.MODEL.TEXT_ENCODER)
-    dtype = torch.bfloat16
-
-    def make_step(batch):
-        return Step(model, optimizer, tokenizer, config, batch, device, dtype)
-
-    batch = args.batch or largest_batch(make_step)
-    step = make_step(batch)
+    workload = Workload(args.config, device, torch.bfloat16)
+    batch = args.batch or largest_batch(workload.step)
+    step = workload.step(batch)
     with FlopCounterMode(display=False) as counter:
         step(optimize=False)
     flops = counter.get_total_flops()
-    for _ in range(3):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = step.seconds(warmup=3, steps=args.steps)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     result = {'config': args.config, 'device': name, 'batch': batch, 'seconds_per_step': seconds,

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench.common import machine, markdown_table, peak_rss_mb, run_child, write_results  # noqa: E402
+from bench.common import machine, markdown_table, run_child, write_results  # noqa: E402
 
 CASES = [  # (config, batch on CPU, batch on CUDA)
     ('unicl_swin_tiny', 16, 128),
@@ -28,62 +27,19 @@ CASES = [  # (config, batch on CPU, batch on CUDA)
 ]
 
 
-def text_batch(tokenizer, batch: int, full_length: bool, context: int):
-    from data.classnames import imagenet_classnames
-    if full_length:  # start, 75 ordinary tokens, end: the longest a caption can be
-        ids = torch.randint(1000, 40000, (batch, context))
-        ids[:, 0], ids[:, -1] = tokenizer.bos_token_id, tokenizer.eos_token_id
-        return {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}
-    names = imagenet_classnames()
-    texts = [f'a photo of a {names[i % len(names)]}.' for i in range(batch)]
-    return dict(tokenizer(texts, padding='max_length', truncation=True, max_length=context, return_tensors='pt'))
-
-
 def measure(config_name: str, batch: int, amp: str, full_text: bool, device_name: str, steps: int) -> dict:
-    from configs import load_config
-    from loss import UniCLLoss
-    from model import build_tokenizer, build_unicl_model
-    from utils.optim import build_optimizer
-    from utils.precision import autocast, autocast_dtype
+    from training.metrics import peak_memory_mb
+    from utils.precision import autocast_dtype
 
-    torch.manual_seed(0)
+    from bench.workload import Workload
+
     device = torch.device(device_name)
-    config = load_config(os.path.join(ROOT, 'configs', f'{config_name}.yaml'))
-    model = build_unicl_model(config).to(device).train()
-    optimizer = build_optimizer(config, model, 1e-4)
-    criterion = UniCLLoss()
     dtype = autocast_dtype(amp, device)
-    tokenizer = build_tokenizer(config.MODEL.TEXT_ENCODER)
-    size = config.DATA.IMG_SIZE
-    images = torch.randn(batch, 3, size, size, device=device)
-    tokens = {k: v.to(device) for k, v in text_batch(tokenizer, batch, full_text,
-                                                     config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH).items()}
-    labels = torch.arange(batch, device=device)
-
-    def step():
-        with autocast(device, dtype):
-            image_features, text_features, scale = model(images, tokens)
-        loss = criterion(image_features, text_features, labels, scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    warmup = 3 if device.type == 'cuda' else 1
-    for _ in range(warmup):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else peak_rss_mb()
+    seconds = Workload(config_name, device, dtype).step(batch, full_text).seconds(
+        warmup=3 if device.type == 'cuda' else 1, steps=steps)
     return {'config': config_name, 'device': device.type, 'amp': str(dtype).replace('torch.', '') if dtype else 'fp32',
             'text': '77 tokens' if full_text else 'prompt', 'batch': batch, 'seconds_per_step': seconds,
-            'images_per_sec': batch / seconds, 'peak_memory_mb': memory}
+            'images_per_sec': batch / seconds, 'peak_memory_mb': peak_memory_mb(device)}
 
 
 def main(argv=None) -> None:
