@@ -44,6 +44,18 @@ def tiny_model(tiny_cfg):
     return build_unicl_model(tiny_cfg).eval()
 
 
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model) -> str:
+    """The tiny model, its weights spread a little (so feature rankings are not ties), saved as a release."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / 'tiny.pth')
+    torch.save({'model': tiny_model.state_dict()}, path)
+    return path
+
+
 COLORS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'blue': (30, 40, 220),
           'yellow': (230, 220, 30), 'purple': (140, 30, 160), 'orange': (240, 140, 20)}
 

@@ -65,17 +65,6 @@ def splits(tmp_path):
             for name, per_class, seed in (('train', 4, 1), ('val', 2, 2), ('test', 2, 3))}
 
 
-@pytest.fixture
-def checkpoint(tmp_path, tiny_model):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in tiny_model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = str(tmp_path / 'tiny.pth')
-    torch.save({'model': tiny_model.state_dict()}, path)
-    return path
-
-
 def test_text_head_without_training_is_the_zeroshot_classifier(splits, tiny_model, tiny_cfg, tokenizer):
     encoder = Encoder(tiny_model, tokenizer, tiny_cfg, torch.device('cpu'), batch_size=8, num_workers=0)
     probe = run_linear_probe(encoder, splits['train'], splits['val'], splits['test'], init_head='text',

@@ -14,17 +14,6 @@ from torchvision.datasets import ImageFolder
 from tests.conftest import ROOT, TINY_CONFIG
 
 
-@pytest.fixture
-def checkpoint(tmp_path, tiny_model):
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in tiny_model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # spread the features so rankings are not ties
-    path = str(tmp_path / 'tiny.pth')
-    torch.save({'model': tiny_model.state_dict()}, path)
-    return path
-
-
 def _run(folder, checkpoint, out, *extra):
     return evaluate.main(['zeroshot', '--cfg', TINY_CONFIG, '--resume', checkpoint, '--data-path', folder,
                           '--output', out, '--batch-size', '4', '--num-workers', '0', '--device', 'cpu',
