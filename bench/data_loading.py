@@ -30,7 +30,7 @@ from data import build_train_loader  # noqa: E402
 from data.builtin import write_zip_layout  # noqa: E402
 from data.classnames import training_templates  # noqa: E402
 from data.transforms import build_train_transform  # noqa: E402
-from model import build_tokenizer  # noqa: E402
+from model import build_tokenizer, tokenize  # noqa: E402
 
 SOURCES = {
     'imagefolder': "[{'TYPE': 'imagefolder', 'PATH': 'labels'}]",
@@ -61,8 +61,7 @@ def torchvision_baseline(config, tokenizer, folder: str, workers: int, batch: in
         images = torch.stack([image for image, _ in samples])
         labels = torch.tensor([label for _, label in samples])
         texts = [rng.choice(templates).format(names[label]) for label in labels.tolist()]
-        tokens = tokenizer(texts, padding='max_length', truncation=True, max_length=77, return_tensors='pt')
-        return images, dict(tokens), labels
+        return images, tokenize(tokenizer, texts), labels
 
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
                       persistent_workers=False, drop_last=True)

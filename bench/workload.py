@@ -12,7 +12,7 @@ from bench.common import ROOT
 from configs import load_config
 from data.classnames import imagenet_classnames
 from loss import UniCLLoss
-from model import build_tokenizer, build_unicl_model
+from model import build_tokenizer, build_unicl_model, tokenize
 from utils.optim import build_optimizer
 from utils.precision import autocast
 
@@ -25,7 +25,7 @@ def text_batch(tokenizer, batch: int, full_length: bool, context: int) -> Dict[s
         return {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}
     names = imagenet_classnames()
     texts = [f'a photo of a {names[i % len(names)]}.' for i in range(batch)]
-    return dict(tokenizer(texts, padding='max_length', truncation=True, max_length=context, return_tensors='pt'))
+    return tokenize(tokenizer, texts, context)
 
 
 class Workload:

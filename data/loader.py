@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.tokenizer import tokenize
+
 from .decode import decode_image
 from .labels import LabelSpace
 from .mixing import MixingPlan
@@ -113,9 +115,7 @@ class BatchStream(IterableDataset):
                     texts.append(text)
                     labels.append(label)
                     where.append(origin)
-        tokens = setup.tokenizer(texts, padding='max_length', truncation=True, max_length=setup.context_length,
-                                 return_tensors='pt')
-        tokens = {'input_ids': tokens['input_ids'].long(), 'attention_mask': tokens['attention_mask'].long()}
+        tokens = tokenize(setup.tokenizer, texts, setup.context_length)
         return torch.stack(images), tokens, torch.tensor(labels, dtype=torch.int64), info
 
     def _use(self, i: int, record: Record, global_step: int, slot: int, rng: random.Random):

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from model import UniCLModel
+from model import UniCLModel, tokenize
 from utils.distributed import all_gather_no_grad, get_rank, get_world_size
 from utils.precision import autocast
 from utils.progress import progress_bar
@@ -25,7 +25,9 @@ def _in_input_order(own: Tensor, own_indices: Tensor, total: int) -> Tensor:
     return result
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: on torch 2.4, gloo's all_gather fills its output tensors outside
+# the caller's inference mode and fails on inference tensors ("Inplace update to inference tensor").
+@torch.no_grad()
 def image_features(model: UniCLModel, items: Sequence[ImageItem], transform: Callable, device: torch.device,
                    batch_size: int, num_workers: int, amp_dtype: Optional[torch.dtype] = None,
                    desc: str = 'image features') -> Tensor:
@@ -42,7 +44,7 @@ def image_features(model: UniCLModel, items: Sequence[ImageItem], transform: Cal
     return _in_input_order(own, own_indices, len(items))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def text_features(model: UniCLModel, tokenizer, texts: Sequence[str], device: torch.device,
                   context_length: int = 77, batch_size: int = 256, amp_dtype: Optional[torch.dtype] = None,
                   desc: str = 'text features') -> Tensor:
@@ -52,8 +54,7 @@ def text_features(model: UniCLModel, tokenizer, texts: Sequence[str], device: to
     starts = range(0, len(own_indices), batch_size)
     for start in progress_bar(starts, desc, enabled=get_rank() == 0):
         batch = [texts[i] for i in own_indices[start:start + batch_size]]
-        tokens = tokenizer(batch, padding='max_length', truncation=True, max_length=context_length,
-                           return_tensors='pt')
+        tokens = tokenize(tokenizer, batch, context_length)
         with autocast(device, amp_dtype):
             features.append(model.encode_text({k: v.to(device) for k, v in tokens.items()}).float())
     dim = model.text_projection.shape[1]

@@ -12,8 +12,9 @@ import json
 import os
 import tempfile
 from functools import lru_cache
-from typing import List
+from typing import Dict, List, Sequence
 
+import torch
 from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'bpe_simple_vocab_16e6.txt.gz')
@@ -65,12 +66,24 @@ def _shipped_clip_tokenizer() -> PreTrainedTokenizerBase:
 def build_tokenizer(text_config) -> PreTrainedTokenizerBase:
     """The tokenizer for `MODEL.TEXT_ENCODER`: CLIP BPE from the shipped file unless a hub name is set.
 
-    Call it as the official code does:
-    `tok(texts, padding='max_length', truncation=True, max_length=77, return_tensors='pt')`;
-    padding uses the end-of-text id 49407, so `input_ids.argmax(-1)` finds the end-of-text token.
+    Encode texts with `tokenize`; padding uses the end-of-text id 49407, so `input_ids.argmax(-1)` finds the
+    end-of-text token.
     """
     if text_config.TOKENIZER != 'clip':
         raise ValueError(f'MODEL.TEXT_ENCODER.TOKENIZER {text_config.TOKENIZER!r} is not supported; use "clip"')
     if text_config.PRETRAINED_TOKENIZER:
         return CLIPTokenizer.from_pretrained(text_config.PRETRAINED_TOKENIZER)
     return _shipped_clip_tokenizer()
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+             context_length: int = 77) -> Dict[str, torch.Tensor]:
+    """`{'input_ids', 'attention_mask'}`, int64 `[len(texts), context_length]`: the official call
+    `tokenizer(texts, padding='max_length', truncation=True, max_length=77, return_tensors='pt')`.
+
+    It asks transformers for numpy arrays and makes the tensors itself because transformers 5 hands out
+    torch tensors only beside torch >= 2.6, and the project runs on torch 2.4 too.
+    """
+    encoded = tokenizer(list(texts), padding='max_length', truncation=True, max_length=context_length,
+                        return_tensors='np')
+    return {key: torch.from_numpy(encoded[key]).long() for key in ('input_ids', 'attention_mask')}

@@ -10,7 +10,7 @@ import torch
 from yacs.config import CfgNode
 
 from tests.conftest import tiny_config
-from model import build_unicl_model
+from model import build_unicl_model, tokenize
 from model.checkpoint import export_official, load_pretrained
 from utils.checkpoint import CheckpointError, resolve_source, safe_load, save_atomic
 
@@ -39,8 +39,7 @@ def _randomize(model):
 def _outputs(model, tokenizer):
     torch.manual_seed(2)
     images = torch.randn(2, 3, 64, 64)
-    tokens = dict(tokenizer(['a red circle', 'two blue squares'], padding='max_length', truncation=True,
-                            max_length=77, return_tensors='pt'))
+    tokens = tokenize(tokenizer, ['a red circle', 'two blue squares'])
     with torch.no_grad():
         return model.eval()(images, tokens)
 

@@ -44,7 +44,7 @@ def test_merge_captions(tmp_path, tokenizer):
     for merge in (False, True):
         loader = loader_for(data_config(str(tmp_path), table, batch_size=8, MERGE_CAPTIONS=merge), tokenizer)
         ((_, tokens, labels, _),) = epoch_batches(loader)
-        texts = [' '.join(t.lower().split()) for t in tokenizer.batch_decode(tokens['input_ids'], skip_special_tokens=True)]
+        texts = [' '.join(t.lower().split()) for t in tokenizer.batch_decode(tokens['input_ids'].tolist(), skip_special_tokens=True)]
         by_text = {}
         for text, label in zip(texts, labels.tolist()):
             by_text.setdefault(text, set()).add(label)

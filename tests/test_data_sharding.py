@@ -108,6 +108,6 @@ def test_each_labelled_sample_draws_its_own_prompt_template(tiny_data, tokenizer
     loader = loader_for(data_config(tiny_data, [LABELS], batch_size=8), tokenizer)
     loader.setup.templates = [f'{{}} template {i}' for i in range(4)]
     for _, tokens, _, _ in epoch_batches(loader):
-        texts = tokenizer.batch_decode(tokens['input_ids'], skip_special_tokens=True)
+        texts = tokenizer.batch_decode(tokens['input_ids'].tolist(), skip_special_tokens=True)
         used = {text.split()[-1] for text in texts}
         assert used <= {'0', '1', '2', '3'} and len(used) > 1, texts

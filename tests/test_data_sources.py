@@ -191,7 +191,7 @@ def test_prompts_use_class_names(tiny_data, tokenizer):
     loader = loader_for(data_config(tiny_data, [LABELS], batch_size=4), tokenizer)
     images, tokens, labels, _ = epoch_batches(loader)[0]
     names = [SHAPES[s] for s in sorted(list(SHAPES)[:TINY.shapes])]
-    texts = tokenizer.batch_decode(tokens['input_ids'], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens['input_ids'].tolist(), skip_special_tokens=True)
     for text, label in zip(texts, labels.tolist()):
         assert any(n in text for n in names[label]), (text, names[label])
 

@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from configs import ConfigError
-from model import IMAGE_ENCODERS, build_unicl_model
+from model import IMAGE_ENCODERS, build_unicl_model, tokenize
 from tests.conftest import tiny_config
 
 
 def test_forward_shapes_norms_and_scale(tiny_model, tokenizer):
-    tokens = tokenizer(['a red circle', 'a blue square'], padding='max_length', truncation=True,
-                       max_length=77, return_tensors='pt')
+    tokens = tokenize(tokenizer, ['a red circle', 'a blue square'])
     with torch.no_grad():
         image_features, text_features, scale = tiny_model(torch.randn(2, 3, 64, 64), dict(tokens))
     assert image_features.shape == text_features.shape == (2, 128)
@@ -23,8 +22,7 @@ def test_forward_shapes_norms_and_scale(tiny_model, tokenizer):
 def test_text_feature_unchanged_by_dropping_padding(tiny_model, tokenizer):
     """encode_text runs the causal encoder only up to the batch's last end-of-text token; the features
     equal those of the full 77-token sequence, for the longest text and for the shorter ones."""
-    tokens = dict(tokenizer(['a photo of a large red striped star on a dark background', 'box'],
-                            padding='max_length', truncation=True, max_length=77, return_tensors='pt'))
+    tokens = tokenize(tokenizer, ['a photo of a large red striped star on a dark background', 'box'])
     seen = []
     hook = tiny_model.text_encoder.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
     with torch.no_grad():
@@ -148,8 +146,7 @@ def test_gradient_checkpointing_is_active_and_keeps_less(tiny_model, tokenizer, 
     backward (a no-op would keep as many) and the gradients stay the same."""
     torch.manual_seed(0)
     images = torch.randn(4, 3, 64, 64)
-    tokens = dict(tokenizer(['a red circle on a dark background'] * 4, padding='max_length', truncation=True,
-                            max_length=77, return_tensors='pt'))
+    tokens = tokenize(tokenizer, ['a red circle on a dark background'] * 4)
     run = (lambda m: m.encode_image(images)) if encoder == 'image' else (lambda m: m.encode_text(tokens))
     model = tiny_model.train()
     plain_bytes, plain_grads = _saved_bytes_and_grads(model, run)

@@ -2,8 +2,10 @@ import json
 import os
 
 import pytest
+import torch
+from transformers.utils import is_torch_available
 
-from model.tokenizer import VOCAB_SIZE
+from model.tokenizer import VOCAB_SIZE, tokenize
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'clip_token_ids.json')
 with open(REFERENCE) as f:
@@ -22,10 +24,20 @@ def test_vocabulary_and_special_ids(tokenizer):
 
 def test_padding_and_truncation_as_official_call(tokenizer):
     long_text = 'a photo of a very ' + 'very ' * 100 + 'long dog.'
-    tokens = tokenizer(['a photo of a cat.', long_text], padding='max_length', truncation=True,
-                       max_length=77, return_tensors='pt')
+    tokens = tokenize(tokenizer, ['a photo of a cat.', long_text])
     ids = tokens['input_ids']
-    assert ids.shape == (2, 77)
+    assert ids.shape == (2, 77) and ids.dtype == tokens['attention_mask'].dtype == torch.int64
+    assert tokens['attention_mask'].sum(-1).tolist() == [8, 77]
     assert ids[0, :8].tolist() == EXAMPLES[0]['ids'] and (ids[0, 8:] == 49407).all()
     assert ids[1, 76] == 49407  # truncation keeps the end-of-text token
     assert ids.argmax(-1).tolist() == [7, 76]  # the feature position: the first end-of-text token
+
+
+@pytest.mark.skipif(not is_torch_available(), reason='transformers hands out torch tensors only beside torch >= 2.6')
+def test_tokenize_equals_the_official_call(tokenizer):
+    texts = ['a photo of a cat.', 'an ' + 'extremely ' * 90 + 'long caption', '']
+    official = tokenizer(texts, padding='max_length', truncation=True, max_length=77, return_tensors='pt')
+    ours = tokenize(tokenizer, texts)
+    assert set(ours) == {'input_ids', 'attention_mask'}
+    for key in ours:
+        assert torch.equal(ours[key], official[key].long())

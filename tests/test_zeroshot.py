@@ -10,6 +10,7 @@ import torch
 import evaluate
 from data.classnames import imagenet_classnames, resolve_classnames, resolve_templates, zeroshot_templates
 from data.transforms import build_eval_transform
+from model import tokenize
 from torchvision.datasets import ImageFolder
 from tests.conftest import ROOT, TINY_CONFIG
 
@@ -52,9 +53,8 @@ def test_matches_official_style_computation(color_folder, checkpoint, tmp_path, 
     with torch.no_grad():
         class_embeddings = []
         for name in names:
-            tokens = tokenizer([t.format(name) for t in zeroshot_templates()], padding='max_length',
-                               truncation=True, max_length=77, return_tensors='pt')
-            embedding = tiny_model.encode_text(dict(tokens)).mean(dim=0)
+            tokens = tokenize(tokenizer, [t.format(name) for t in zeroshot_templates()])
+            embedding = tiny_model.encode_text(tokens).mean(dim=0)
             class_embeddings.append(embedding / embedding.norm())
         class_embeddings = torch.stack(class_embeddings)
         dataset = ImageFolder(color_folder, transform=build_eval_transform(tiny_cfg))
