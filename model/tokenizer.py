@@ -60,6 +60,10 @@ def _shipped_clip_tokenizer() -> PreTrainedTokenizerBase:
             json.dump(vocab, f, ensure_ascii=False)
         with open(os.path.join(tmp, 'merges.txt'), 'w', encoding='utf-8') as f:
             f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+        # Naming the class keeps transformers 4.x from guessing it from the folder's random name (a name
+        # containing "t5", say) and warning that the tokenizer is of another type.
+        with open(os.path.join(tmp, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+            json.dump({'tokenizer_class': 'CLIPTokenizer'}, f)
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
 
 

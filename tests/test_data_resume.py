@@ -93,9 +93,13 @@ def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer):
     processes = [context.Process(target=_gather_state, args=(r, 2, port, tiny_data, queue)) for r in range(2)]
     for p in processes:
         p.start()
-    states = dict(queue.get(timeout=120) for _ in processes)
-    for p in processes:
-        p.join(timeout=60)
+    try:
+        states = dict(queue.get(timeout=120) for _ in processes)
+    finally:  # a rank that failed leaves the other waiting in a collective: end it rather than hang pytest
+        for p in processes:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert states[0]['stream_positions'] == states[1]['stream_positions']
     assert set(states[0]['stream_positions']) == {'0', '1'}
     # rank 1 restores its own positions from rank 0's saved state
