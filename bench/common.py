@@ -30,8 +30,9 @@ def machine() -> Dict[str, object]:
 
 def run_child(script: str, args: Sequence[str], timeout: int = 1800) -> Dict:
     """Run `script` with `args` in a fresh interpreter; it prints one JSON line last."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)  # keep packages found there
     result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+                            timeout=timeout, env=dict(os.environ, PYTHONPATH=path))
     if result.returncode != 0:
         return {'error': (result.stderr or result.stdout).strip().splitlines()[-1:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -44,7 +45,10 @@ def markdown_table(header: List[str], rows: List[List[object]]) -> str:
 
 
 def write_results(name: str, content: Dict) -> str:
-    path = os.path.join(ROOT, 'bench', 'results', f'{name}.json')
+    """Writes `bench/results/NAME.json`, or `$BENCH_RESULTS/NAME.json` where that is set (so that a smoke
+    run does not overwrite the measured results)."""
+    folder = os.environ.get('BENCH_RESULTS') or os.path.join(ROOT, 'bench', 'results')
+    path = os.path.join(folder, f'{name}.json')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w', encoding='utf-8') as f:
         json.dump(content, f, indent=1)

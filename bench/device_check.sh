@@ -1,29 +1,66 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent GPU machine (about 8 minutes on one H100/H200): the CUDA-marked
-# tests, 3 epochs of bf16 training of the tiny model on the built-in data (CUDA + NCCL code path, with
-# zero-shot validation), bench/gpu.py, and the train-step benchmark's CUDA rows. Logs and JSON go to $OUT.
+# The GPU checks in one run, for a lent GPU machine (about 8 minutes on one H200), each logged under $WORK:
+#   versions     torch, CUDA device, timm, transformers, pillow as the machine has them
+#   cuda_tests   the tests marked `cuda` (features vs CPU, bf16 steps, the tiled loss vs the dense definition)
+#   train_nccl   3 epochs of the tiny model on the built-in data in bf16 through torchrun (NCCL, DDP, pinned
+#                memory, loader workers, zero-shot validation each epoch)
+#   train_fp16   1 epoch in fp16 with the GradScaler
+#   zeroshot     evaluate.py on the trained checkpoint (bf16 by default on CUDA)
+#   gpu_bench    bench/gpu.py: Swin-T at the largest batch that fits, images/s, peak memory, MFU
+#   train_step   bench/train_step.py --quick: the CUDA rows of the train-step table
 #
-#   OUT=/tmp/out PY=python3 bash bench/device_check.sh
+#   bash bench/device_wheels.sh                                        # here, once: wheels into .whl/
+#   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
 #
-# The project's packages must be importable by $PY (on a bare machine: carry wheels, see the device tool).
+# Everything is written under WORK (default /tmp/device_check); OUT (default output/device_check) receives
+# summary.txt and device_check.tar.gz (the logs, JSON results and tensorboard events, no checkpoints), as the
+# device tool returns only a few files. PY defaults to python3. SMOKE=1 runs the same steps on a CPU in a few
+# minutes (gpu.py on the tiny config), to check the script before spending device time.
 set -uo pipefail
 OUT=${OUT:-output/device_check}
 PY=${PY:-python3}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-run() {  # name, command...: log to $OUT/name.log, record the exit code, keep going
+WORK=${WORK:-/tmp/device_check}
+export PYTHONUNBUFFERED=1 BENCH_RESULTS=$WORK
+rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
+DATA=$WORK/data
+GPU_BENCH_ARGS=()
+[ "${SMOKE:-0}" = 1 ] && GPU_BENCH_ARGS=(--device cpu --config unicl_tiny --batch 4 --steps 2)
+
+if [ -d .whl ] && compgen -G '.whl/*.whl' > /dev/null; then  # the requirements the machine's image lacks
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/device_site \
+        .whl/*.whl || { echo 'installing .whl/ failed' | tee "$OUT/summary.txt"; exit 1; }
+    export PYTHONPATH=/tmp/device_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+run() {  # name, command...: log to $WORK/name.log, record the exit code and time, keep going
     local name=$1; shift
     local start=$SECONDS
-    "$@" > "$OUT/$name.log" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    "$@" > "$WORK/$name.log" 2>&1
+    echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$WORK/summary.txt"
 }
-$PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' | tee "$OUT/summary.txt"
-run cuda_tests $PY -m pytest -q -m cuda tests/
-run data $PY -m data.builtin --out /tmp/device_demo_data --scale small
-run train $PY main.py --cfg configs/unicl_tiny_builtin.yaml --data-path /tmp/device_demo_data \
-    --output "$OUT/train" --opts TRAIN.EPOCHS 3 AMP_OPT_LEVEL O1 DATA.NUM_WORKERS 8
-run gpu_bench $PY bench/gpu.py
-run train_step_bench $PY bench/train_step.py --quick
-cp bench/results/gpu.json bench/results/train_step.json "$OUT/" 2>/dev/null
-grep -h "zero-shot on\|epoch .* done" "$OUT/train.log" | tail -6 >> "$OUT/summary.txt"
-tail -4 "$OUT/gpu_bench.log" >> "$OUT/summary.txt"
+run versions $PY -c '
+import PIL, timm, torch, transformers
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+print(f"torch {torch.__version__} ({gpu}), timm {timm.__version__}, transformers {transformers.__version__}, "
+      f"pillow {PIL.__version__}")'
+cat "$WORK/versions.log" >> "$WORK/summary.txt"
+run cuda_tests $PY -m pytest -q -rs -p no:cacheprovider -m cuda tests/
+run data $PY -m data.builtin --out $DATA --scale small
+run train_nccl $PY -m torch.distributed.run --standalone --nproc_per_node 1 main.py \
+    --cfg configs/unicl_tiny_builtin.yaml --data-path $DATA --output "$WORK/runs" --tag bf16 \
+    --opts TRAIN.EPOCHS 3 AMP_OPT_LEVEL O1 DATA.NUM_WORKERS 8
+run train_fp16 $PY main.py --cfg configs/unicl_tiny_builtin.yaml --data-path $DATA --output "$WORK/runs" --tag fp16 \
+    --opts TRAIN.EPOCHS 1 AMP_OPT_LEVEL fp16 DATA.NUM_WORKERS 8
+run zeroshot $PY evaluate.py zeroshot --cfg configs/unicl_tiny_builtin.yaml --data-path $DATA/zeroshot \
+    --resume "$(ls "$WORK"/runs/unicl_tiny/bf16/checkpoint_*.pth 2>/dev/null | tail -n 1)" \
+    --output "$WORK/zeroshot"
+run gpu_bench $PY bench/gpu.py "${GPU_BENCH_ARGS[@]}"
+run train_step $PY bench/train_step.py --quick
+{
+    grep -h "zero-shot on\|epoch .* done\|Traceback\|Error" "$WORK/train_nccl.log" "$WORK/train_fp16.log" | tail -12
+    tail -n 3 "$WORK/zeroshot.log" "$WORK/gpu_bench.log"
+    tail -n 12 "$WORK/train_step.log"
+} >> "$WORK/summary.txt"
+cp "$WORK/summary.txt" "$OUT/"
+tar -czf "$OUT/device_check.tar.gz" -C "$WORK" --exclude='*.pth' --exclude=data .
+cat "$OUT/summary.txt"

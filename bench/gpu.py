@@ -11,6 +11,7 @@ from 64 until it runs out of memory, then bisects; the timing runs at the larges
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -27,13 +28,23 @@ from bench.workload import Workload  # noqa: E402
 PEAK_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}
 
 
+def out_of_memory(error: RuntimeError) -> bool:
+    """Also the allocation failures that cuBLAS and cuDNN report as plain RuntimeErrors."""
+    message = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        sign in message for sign in ('out of memory', 'CUBLAS_STATUS_ALLOC_FAILED', 'CUDNN_STATUS_ALLOC_FAILED'))
+
+
 def fits(make_step, batch: int) -> bool:
     try:
         make_step(batch)()
         return True
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
         return False
     finally:
+        gc.collect()  # the failed step's tensors, before the allocator's cache is released
         torch.cuda.empty_cache()
 
 

@@ -16,6 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, 'configs', 'unicl_tiny.yaml')
 
 
+def child_env(**variables: str) -> dict:
+    """The environment for a child Python process: the project first on PYTHONPATH, what was there kept."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
+    return dict(os.environ, PYTHONPATH=path, **variables)
+
+
 def tiny_config(*opts: str):
     return load_config(TINY_CONFIG, list(opts))
 

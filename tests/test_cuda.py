@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from model import build_unicl_model
+from model import build_unicl_model, tokenize
 from loss import UniCLLoss
 
 pytestmark = pytest.mark.cuda
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cuda
 def _batch(tokenizer, n=8):
     torch.manual_seed(0)
     texts = [f'a photo of a {c} shape' for c in ['red', 'blue', 'green', 'odd'] * (n // 4)]
-    tokens = dict(tokenizer(texts, padding='max_length', truncation=True, max_length=77, return_tensors='pt'))
+    tokens = tokenize(tokenizer, texts)
     return torch.randn(n, 3, 64, 64), tokens, torch.arange(n) % 4
 
 
@@ -45,3 +45,19 @@ def test_bf16_autocast_steps_lower_the_loss(tokenizer):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
+
+
+@pytest.mark.parametrize('tile', [0, 768], ids=['tile-auto', 'tile768-ragged'])
+def test_tiled_loss_matches_dense_definition(tile):
+    """The tiled loss on the GPU (auto tile size from the real free memory, and a ragged tiling) against the
+    dense definition in float64."""
+    from tests.test_loss import dense_unicl, random_batch, value_and_grads
+
+    img, txt = (t.cuda() for t in random_batch(3000, 64, torch.float32, seed=7))
+    labels = (torch.arange(3000) % 1100).cuda()  # repeated labels: 1, 2 or 3 positives per row
+    scale = torch.tensor(50.0, device='cuda')
+    ref = value_and_grads(dense_unicl, img.double(), txt.double(), labels, scale.double())
+    ours = value_and_grads(UniCLLoss(tile_size=tile), img, txt, labels, scale)
+    for name, a, b in zip(('loss', 'd_img', 'd_txt', 'd_scale'), ours, ref):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-5, msg=lambda m, name=name: f'{name}: {m}')

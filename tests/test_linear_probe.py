@@ -11,7 +11,7 @@ import evaluate
 import evaluation.encoder
 from evaluation import Encoder, ProbeSettings, linear_probe, run_linear_probe, run_zeroshot
 from evaluation.linear_probe import balanced_split, search_hyperparameters
-from tests.conftest import ROOT, TINY_CONFIG, make_image_folder
+from tests.conftest import ROOT, TINY_CONFIG, child_env, make_image_folder
 
 
 def gaussian_classes(num_classes: int, per_class: int, dim: int, seed: int, spread: float = 0.6):
@@ -135,7 +135,7 @@ def test_unreadable_training_image_is_named(splits, checkpoint, tmp_path):
 def test_torchrun_two_processes_match_one(splits, checkpoint, tmp_path):
     single = _probe(splits, checkpoint, str(tmp_path / 'single'), str(tmp_path / 'cache1'))
     double = str(tmp_path / 'double')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS='1')
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                     os.path.join(ROOT, 'evaluate.py'), 'linear-probe', '--cfg', TINY_CONFIG, '--resume', checkpoint,
                     '--train-path', splits['train'], '--val-path', splits['val'], '--test-path', splits['test'],

@@ -12,7 +12,7 @@ from data.classnames import imagenet_classnames, resolve_classnames, resolve_tem
 from data.transforms import build_eval_transform
 from model import tokenize
 from torchvision.datasets import ImageFolder
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, child_env
 
 
 def _run(folder, checkpoint, out, *extra):
@@ -68,7 +68,7 @@ def test_matches_official_style_computation(color_folder, checkpoint, tmp_path, 
 def test_torchrun_two_processes_count_each_image_once(color_folder, checkpoint, tmp_path):
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     _run(color_folder, checkpoint, single, '--templates', 'single')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    env = child_env(OMP_NUM_THREADS='1')
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                     os.path.join(ROOT, 'evaluate.py'), 'zeroshot', '--cfg', TINY_CONFIG, '--resume', checkpoint,
                     '--data-path', color_folder, '--output', double, '--batch-size', '4', '--num-workers', '0',
@@ -121,6 +121,6 @@ def test_log_redirected_to_a_file_has_no_progress_bar_fragments(color_folder, ch
                         '--resume', checkpoint, '--data-path', color_folder, '--batch-size', '2', '--num-workers',
                         '0', '--device', 'cpu', '--templates', 'single'],
                        check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+                       env=child_env())
     text = log.read_text()
     assert 'Acc@1' in text and '\r' not in text and 'it/s' not in text
