@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo ablation clean-venv
+.PHONY: test test-oldest demo ablation clean-venv
 DEMO_OUT := output/demo
 DEMO_RUN := $(DEMO_OUT)/unicl_tiny/builtin_unicl
 
@@ -40,5 +40,19 @@ ablation: $(VENV)/.installed
 	rm -rf output/ablation
 	$(PY) bench/builtin_ablation.py --data demo_data --output output/ablation --seeds 0 1
 
+# The suite on the oldest torch the code supports (2.4.1, torchvision 0.19.1) with the newest releases of the
+# other requirements, in a venv of its own. Not part of `make test`: it downloads about 5 GB from PyPI.
+OLDEST_VENV := .venv-torch2.4
+$(OLDEST_VENV)/.installed: requirements.txt
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	grep -v '^torch' requirements.txt > $(OLDEST_VENV)/requirements.txt
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.4.1 torchvision==0.19.1 \
+		-r $(OLDEST_VENV)/requirements.txt
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)

@@ -74,7 +74,7 @@ def _rank_step(rank, world_size, mode, data, out, init_file, result_file):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     trainer = _float64_trainer(data, out, 'TRAIN.ACCUMULATION_STEPS', '2', 'TRAIN.ACCUMULATION_MODE', mode,
                                rank=rank, world_size=world_size)
-    batch = torch.load(os.path.join(out, 'global_batch.pt'))
+    batch = torch.load(os.path.join(out, 'global_batch.pt'), weights_only=True)
     if mode == 'features':  # rank r: micro-batches 2r and 2r + 1 of 2 samples
         micro = _split(batch, 4)[2 * rank:2 * rank + 2]
     else:  # rank r's 4 samples twice: the DDP no_sync path must average the two, not add them
@@ -94,7 +94,7 @@ def test_two_processes_accumulating_equal_one_big_batch_step(tiny_data, tmp_path
     result = os.path.join(out, 'rank{}.pt')
     mp.spawn(_rank_step, args=(2, mode, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
     for rank in range(2):
-        _assert_same(torch.load(result.format(rank)), expected)
+        _assert_same(torch.load(result.format(rank), weights_only=True), expected)
 
 
 def test_features_mode_replays_dropout_and_drop_path(tiny_data, tmp_path, global_batch):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import traceback
 
 import torch
 import torch.multiprocessing as mp
@@ -70,31 +70,37 @@ def test_iterating_a_finished_epoch_starts_the_next(tiny_data, tokenizer):
     assert loader.epoch == 1 and len(first) == len(second) == 3 and not same_batches(first, second)
 
 
-def _gather_state(rank: int, world_size: int, port: int, data: str, queue) -> None:
+def _gather_state(rank: int, world_size: int, init_file: str, data: str, queue) -> None:
     from data import build_train_loader
     from model import build_tokenizer
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size)
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
     try:
         config = data_config(data, [SHARDS], batch_size=2)
         loader = build_train_loader(config, build_tokenizer(config.MODEL.TEXT_ENCODER), rank, world_size)
         batches = loader.iter_with_info()
         next(batches)
         queue.put((rank, loader.state_dict()))
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))  # the test reports it instead of waiting for a state
+        raise
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer):
+def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer, tmp_path):
     """Under torch.distributed any rank's state_dict holds every rank's stream positions."""
     context = mp.get_context('spawn')
     queue = context.Queue()
-    port = 29500 + os.getpid() % 1000
-    processes = [context.Process(target=_gather_state, args=(r, 2, port, tiny_data, queue)) for r in range(2)]
+    init_file = str(tmp_path / 'init')
+    processes = [context.Process(target=_gather_state, args=(r, 2, init_file, tiny_data, queue)) for r in range(2)]
     for p in processes:
         p.start()
     try:
-        states = dict(queue.get(timeout=120) for _ in processes)
+        states = {}
+        for _ in processes:
+            rank, state = queue.get(timeout=120)
+            assert not isinstance(state, str), f'rank {rank} failed:\n{state}'
+            states[rank] = state
     finally:  # a rank that failed leaves the other waiting in a collective: end it rather than hang pytest
         for p in processes:
             p.join(timeout=60)

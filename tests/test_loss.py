@@ -281,7 +281,7 @@ def _dist_worker(rank: int, store: str, out_dir: str) -> None:
 
 def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
     mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     for (tile, seed), (labels, sizes) in [((t, i), c) for t in DIST_TILES for i, c in enumerate(DIST_CASES)]:
         ref = run_case(labels, seed, slice(None), dense_unicl)

@@ -67,7 +67,7 @@ def _ddp_step(rank, world_size, data, out, init_file, result_file):
     trainer = _trainer(data, out, 'TRAIN.OPTIMIZER.NAME', 'sgd', 'DATA.BATCH_SIZE', '4',
                        rank=rank, world_size=world_size)
     trainer.build_optimization(steps_per_epoch=10)
-    images, tokens, labels = torch.load(os.path.join(out, 'global_batch.pt'))
+    images, tokens, labels = torch.load(os.path.join(out, 'global_batch.pt'), weights_only=True)
     own = slice(rank * 4, rank * 4 + 4)
     trainer.optimizer_step([(images[own], {k: v[own] for k, v in tokens.items()}, labels[own])])
     torch.save(trainer.model.state_dict(), result_file.format(rank))
@@ -85,7 +85,7 @@ def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_pat
     single.optimizer_step([(images, tokens, labels)])
     result = os.path.join(out, 'rank{}.pt')
     mp.spawn(_ddp_step, args=(2, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
-    rank0, rank1 = torch.load(result.format(0)), torch.load(result.format(1))
+    rank0, rank1 = (torch.load(result.format(r), weights_only=True) for r in (0, 1))
     reference = single.model.state_dict()
     torch.manual_seed(0)  # as every trainer here
     initial = build_unicl_model(single.config).state_dict()
