@@ -2,20 +2,23 @@
 `ImageFolder` + `DataLoader` doing the same work (decode, the training transform, a prompt per sample,
 batch tokenization in the workers).
 
-    python bench/data_loading.py [--data demo_data] [--workers 2] [--batch 64] [--samples 2560]
+    python bench/data_loading.py [--data demo_data] [--workers 2] [--batch 64] [--samples 2560] [--repeats 3]
 
 Reads the built-in dataset (generated when missing): `labels/train` as an ImageFolder tree and as the zip
 layout, and the captions as webdataset shards. Images/s counts samples delivered to the training loop.
+Every file is read once before timing, and each repeat starts with another loader, so that none pays for
+a cold page cache or a first position alone; the table gives the median and the range over the repeats.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,6 +40,14 @@ SOURCES = {
     'zip': "[{'TYPE': 'zip', 'PATH': 'labels'}]",
     'webdataset': "[{'TYPE': 'webdataset', 'PATH': 'captions/shards'}]",
 }
+
+
+def warm_page_cache(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), 'rb') as f:
+                while f.read(1 << 20):
+                    pass
 
 
 def images_per_second(batches: Iterable, samples: int) -> float:
@@ -72,7 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument('--data', default='demo_data')
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--batch', type=int, default=64)
-    parser.add_argument('--samples', type=int, default=2560, help='samples timed per loader')
+    parser.add_argument('--samples', type=int, default=2560, help='samples timed per loader and repeat')
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs of every loader')
     args = parser.parse_args(argv)
     data = os.path.abspath(args.data)
     if not os.path.isdir(os.path.join(data, 'labels')):
@@ -90,17 +102,24 @@ def main(argv=None) -> None:
     for name, sources in SOURCES.items():
         source_config = load_config(os.path.join(ROOT, 'configs', 'unicl_tiny.yaml'), base + ['DATA.SOURCES', sources])
         loaders[f'ours: {name}'] = lambda c=source_config: build_train_loader(c, tokenizer, 0, 1)
-    results = {}
-    for name, make in loaders.items():
-        results[name] = images_per_second(make(), args.samples)
-        print(f'{name}: {results[name]:.1f} images/s', flush=True)
-    reference = results['torchvision ImageFolder + DataLoader']
-    print(markdown_table(['loader', 'images/s', 'vs torchvision'],
-                         [[n, f'{v:.1f}', f'{v / reference:.2f}x'] for n, v in results.items()]))
+    warm_page_cache(data)
+    names = list(loaders)
+    runs: Dict[str, List[float]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        first = repeat % len(names)
+        for name in names[first:] + names[:first]:
+            runs[name].append(images_per_second(loaders[name](), args.samples))
+            print(f'repeat {repeat}: {name}: {runs[name][-1]:.1f} images/s', flush=True)
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    reference = medians['torchvision ImageFolder + DataLoader']
+    print(markdown_table(['loader', 'images/s (median)', 'range', 'vs torchvision (medians)'],
+                         [[n, f'{v:.1f}', f'{min(runs[n]):.0f}-{max(runs[n]):.0f}', f'{v / reference:.2f}x']
+                          for n, v in medians.items()]))
     print('results:', write_results('data_loading', {
         'machine': machine(), 'settings': {'workers': args.workers, 'batch': args.batch, 'samples': args.samples,
-                                           'img_size': config.DATA.IMG_SIZE, 'augment': 'rand-m9-mstd0.5-inc1'},
-        'images_per_sec': results}))
+                                           'repeats': args.repeats, 'img_size': config.DATA.IMG_SIZE,
+                                           'augment': 'rand-m9-mstd0.5-inc1'},
+        'images_per_sec': medians, 'runs': runs}))
 
 
 if __name__ == '__main__':
