@@ -41,3 +41,14 @@ def test_tokenize_equals_the_official_call(tokenizer):
     assert set(ours) == {'input_ids', 'attention_mask'}
     for key in ours:
         assert torch.equal(ours[key], official[key].long())
+
+
+def test_tokenize_works_where_transformers_offers_no_torch_tensors(tokenizer, monkeypatch):
+    """transformers 5 beside torch < 2.6 behaves as if torch were missing: 'pt' tensors raise. `tokenize`
+    must not depend on them (the project runs on torch 2.4)."""
+    import transformers.tokenization_utils_base as base
+    monkeypatch.setattr(base, 'is_torch_available', lambda: False)
+    with pytest.raises(ImportError):
+        tokenizer(['a cat'], padding='max_length', max_length=77, return_tensors='pt')
+    tokens = tokenize(tokenizer, ['a photo of a cat.'])
+    assert tokens['input_ids'][0, :8].tolist() == EXAMPLES[0]['ids'] and tokens['input_ids'].shape == (1, 77)
