@@ -15,13 +15,16 @@
 # Everything is written under WORK (default /tmp/device_check); OUT (default output/device_check) receives
 # summary.txt and device_check.tar.gz (the logs, JSON results and tensorboard events, no checkpoints), as the
 # device tool returns only a few files. PY defaults to python3. SMOKE=1 runs the same steps on a CPU in a few
-# minutes (gpu.py on the tiny config), to check the script before spending device time.
+# minutes (gpu.py on the tiny config), to check the script before spending device time. ONLY='data train_nccl'
+# runs just the named steps, for a second try at what failed; train_* and zeroshot need the data, zeroshot
+# the bf16 run's checkpoint, from this call or an earlier one on the same (still warm) machine.
 set -uo pipefail
 OUT=${OUT:-output/device_check}
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/device_check}
 export PYTHONUNBUFFERED=1 BENCH_RESULTS=$WORK
-rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
+[ -z "${ONLY:-}" ] && rm -rf "$WORK"  # a retry of some steps keeps what the run before left (data, checkpoints)
+mkdir -p "$OUT" "$WORK" && : > "$WORK/summary.txt"
 DATA=$WORK/data
 GPU_BENCH_ARGS=()
 [ "${SMOKE:-0}" = 1 ] && GPU_BENCH_ARGS=(--device cpu --config unicl_tiny --batch 4 --steps 2)
@@ -34,6 +37,7 @@ fi
 
 run() {  # name, command...: log to $WORK/name.log, record the exit code and time, keep going
     local name=$1; shift
+    [ -n "${ONLY:-}" ] && [ "$name" != versions ] && [[ " $ONLY " != *" $name "* ]] && return
     local start=$SECONDS
     "$@" > "$WORK/$name.log" 2>&1
     echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$WORK/summary.txt"
@@ -56,10 +60,10 @@ run zeroshot $PY evaluate.py zeroshot --cfg configs/unicl_tiny_builtin.yaml --da
     --output "$WORK/zeroshot"
 run gpu_bench $PY bench/gpu.py "${GPU_BENCH_ARGS[@]}"
 run train_step $PY bench/train_step.py --quick
-{
-    grep -h "zero-shot on\|epoch .* done\|Traceback\|Error" "$WORK/train_nccl.log" "$WORK/train_fp16.log" | tail -12
-    tail -n 3 "$WORK/zeroshot.log" "$WORK/gpu_bench.log"
-    tail -n 12 "$WORK/train_step.log"
+{  # steps that did not run leave no logs: their lines are left out
+    grep -h "zero-shot on\|epoch .* done\|Traceback\|Error" "$WORK/train_nccl.log" "$WORK/train_fp16.log" 2>/dev/null | tail -12
+    tail -n 3 "$WORK/zeroshot.log" "$WORK/gpu_bench.log" 2>/dev/null
+    tail -n 12 "$WORK/train_step.log" 2>/dev/null
 } >> "$WORK/summary.txt"
 cp "$WORK/summary.txt" "$OUT/"
 tar -czf "$OUT/device_check.tar.gz" -C "$WORK" --exclude='*.pth' --exclude=data .
