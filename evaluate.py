@@ -110,7 +110,7 @@ def linear_probe_command(session: Session) -> Dict:
 
     if args.suite:
         return session.suite(lambda encoder, d: probe(
-            encoder, d.split('train'), d.split('val'), d.split('test') if os.path.isdir(d.split('test')) else None,
+            encoder, d.split('train'), d.split('val'), d.test_folder,
             d.metric, d.classnames_file, d.templates or args.templates).value)
     if not (args.train_path and args.val_path):
         raise SystemExit('linear-probe needs --train-path and --val-path (or --suite)')

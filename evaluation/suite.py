@@ -9,7 +9,7 @@ A suite file is YAML:
       - {name: pets, path: pets, metric: mean_per_class, templates: ['a photo of a {}, a type of pet.']}
 
 `path` (relative to `root`, or to the suite file without one) is an ImageFolder tree for zero-shot, or a
-folder holding `train/`, `val/` and optionally `test/` trees; zero-shot uses `PATH/test` when it exists.
+folder holding `train/`, `val/` and optionally `test/` trees; zero-shot uses `PATH/test`, else `PATH/val`.
 Optional keys: `templates` (a list, or 'imagenet' / 'single' / a file) and `classnames` (a file, relative like
 `path`; default: `PATH/classnames.txt`, else as for zero-shot, `classnames.txt` in the split's folder).
 """
@@ -52,8 +52,15 @@ class SuiteDataset:
         return self.classnames or (shared if os.path.isfile(shared) else None)
 
     @property
+    def test_folder(self) -> Optional[str]:
+        return self.split('test') if os.path.isdir(self.split('test')) else None
+
+    @property
     def zeroshot_folder(self) -> str:
-        return self.split('test') if os.path.isdir(self.split('test')) else self.path
+        """The split results are reported on: test/, else val/ (as the linear probe does), else PATH itself
+        (a plain class-folder tree)."""
+        val = self.split('val')
+        return self.test_folder or (val if os.path.isdir(val) else self.path)
 
 
 def _resolve(path: str, base: str) -> str:

@@ -49,6 +49,18 @@ def test_bad_entries_are_named(tmp_path, entry, message):
         load_suite(suite)
 
 
+def test_zeroshot_reads_test_else_val_else_the_folder_itself(tmp_path):
+    """A dataset without test/ reports on val/ (as the linear probe does), never on PATH's split folders."""
+    for split in ('plain/a', 'plain/b', 'noval/train/a', 'noval/val/a', 'full/val/a', 'full/test/a'):
+        os.makedirs(tmp_path / split)
+    suite = write(str(tmp_path / 'suite.yaml'), "datasets: [{name: p, path: plain}, {name: n, path: noval}, "
+                                                "{name: f, path: full}]\n")
+    plain, noval, full = load_suite(suite)
+    assert plain.zeroshot_folder == str(tmp_path / 'plain') and plain.test_folder is None
+    assert noval.zeroshot_folder == str(tmp_path / 'noval' / 'val') and noval.test_folder is None
+    assert full.zeroshot_folder == full.test_folder == str(tmp_path / 'full' / 'test')
+
+
 def test_the_shipped_elevater_suite_lists_20_datasets():
     datasets = load_suite(os.path.join(ROOT, 'configs', 'eval', 'elevater.yaml'))
     assert len(datasets) == 20 and len({d.name for d in datasets}) == 20
