@@ -35,7 +35,7 @@ text-feature gradients over ranks, so the gradients add up to exactly dL.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -252,17 +252,21 @@ def _spans(n: int, tile: int) -> Iterator[slice]:
     return (slice(i, min(i + tile, n)) for i in range(0, n, tile))
 
 
-def _exp_floor(dtype: torch.dtype, lowest: float) -> Optional[float]:
+def _exp_floor(like: Tensor, lowest: Callable[[], float]) -> Optional[float]:
     """Lower clamp for exponents (exp of anything below would be subnormal or 0), or None if unneeded.
 
     CPU exp is ~20x slower on inputs whose result is subnormal or underflows (common at logit scale
     100). exp(floor) is ~3 * the smallest normal number, so clamping changes each softmax term by
     less than that, far below the rounding error of any sum that contains the peak term 1. When
-    ``lowest``, a lower bound on every exponent, is above the floor, clamping would change nothing
+    ``lowest()``, a lower bound on every exponent, is above the floor, clamping would change nothing
     and its pass over each tile is skipped (normalized features and logit scales up to ~40).
+    GPUs take no such penalty, so there is no clamp and no bound to compute: the bound's ``.item()``
+    would make every training step wait for the GPU.
     """
-    floor = math.log(torch.finfo(dtype).tiny) + 1.0
-    return floor if lowest < floor else None
+    if like.device.type != "cpu":
+        return None
+    floor = math.log(torch.finfo(like.dtype).tiny) + 1.0
+    return floor if lowest() < floor else None
 
 
 def _logit_bound(scaled_queries: Tensor, keys: Tensor) -> float:
@@ -294,7 +298,7 @@ def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[_
     col_total = scaled_queries.new_zeros(n_cols)
     buffers = _TileBuffers(min(tile, n_rows), min(tile, n_cols), scaled_queries)
     # Exponents are logits minus a running peak, so at least -2 * bound.
-    floor = _exp_floor(scaled_queries.dtype, -2 * _logit_bound(scaled_queries, keys))
+    floor = _exp_floor(scaled_queries, lambda: -2 * _logit_bound(scaled_queries, keys))
     for c in _spans(n_cols, tile):
         for r in _spans(n_rows, tile):
             logits, work = buffers.views(r.stop - r.start, c.stop - c.start)
@@ -336,8 +340,8 @@ def _logsumexp_grads(
     grad_keys = torch.zeros_like(keys)
     buffers = _TileBuffers(min(tile, n_rows), min(tile, n_cols), scaled_queries)
     # Exponents are logits minus a log-sum-exp, so at least -bound - the largest log-sum-exp.
-    largest_lse = max((rows[0] + rows[1]).max().item(), (cols[0] + cols[1]).max().item())
-    floor = _exp_floor(scaled_queries.dtype, -_logit_bound(scaled_queries, keys) - largest_lse)
+    floor = _exp_floor(scaled_queries, lambda: -_logit_bound(scaled_queries, keys) - max(
+        (rows[0] + rows[1]).max().item(), (cols[0] + cols[1]).max().item()))
     for c in _spans(n_cols, tile):
         for r in _spans(n_rows, tile):
             logits, probs = buffers.views(r.stop - r.start, c.stop - c.start)
