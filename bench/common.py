@@ -22,7 +22,8 @@ def machine() -> Dict[str, object]:
     except (OSError, StopIteration):
         pass
     info = {'cpu': cpu, 'cores': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version(),
-            'threads': torch.get_num_threads()}
+            'threads': torch.get_num_threads(),
+            'mem_total_gib': round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30, 1)}
     if torch.cuda.is_available():
         info['gpu'] = torch.cuda.get_device_name(0)
     return info

@@ -49,10 +49,11 @@ def fits(make_step, batch: int) -> bool:
 
 
 def largest_batch(make_step, start: int = 64, limit: int = 8192) -> int:
-    low, high = 0, None
-    batch = start
+    low, batch = 0, start
     while batch <= limit and fits(make_step, batch):
         low, batch = batch, batch * 2
+    if batch > limit:  # everything up to the limit fits: nothing to bisect
+        return low
     high = batch
     while high - low > max(8, low // 16):  # bisect to within ~6%
         middle = (low + high) // 2 // 8 * 8

@@ -1,6 +1,6 @@
 """Time and added memory of UniCLLoss against dense references, forward + backward, one process.
 
-    python bench/loss_memory.py [--sizes 4096 16384 32768] [--ours-only 65536] [--output FILE]
+    python bench/loss_memory.py [--sizes 4096 16384 32768] [--ours-only 65536]
 
 Three losses on the same inputs (D = 512, L2-normalized, half the labels repeated, logit scale 1/0.07):
   clip         the reference: CLIP's loss as open_clip's ClipLoss computes it in one process: two dense
@@ -16,16 +16,15 @@ case is recorded: on a shared machine the times are only as good as the quiet th
 Memory safety: a dense case whose estimated need (quadratic in B, from the smaller sizes measured in the
 same run) does not fit in MemAvailable with 3 GB to spare is skipped and reported as not measured, and
 each child's data segment is capped below MemAvailable, so an allocation fails instead of waking the
-OOM killer on a shared machine. Results go to --output (JSON) and a markdown table to stdout.
+OOM killer on a shared machine. Results go to bench/results/loss_memory.json and a markdown table to
+stdout.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from bench.common import machine, run_child, write_results  # noqa: E402
 from loss import UniCLLoss  # noqa: E402
 
 LOSS_NAMES = ('clip', 'dense_unicl', 'unicl')
@@ -123,14 +123,6 @@ def mem_available() -> int:
     return int(fields['MemAvailable'].split()[0]) * 1024
 
 
-def machine() -> Dict[str, object]:
-    with open('/proc/cpuinfo') as f:
-        models = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    return {'cpu': models[0] if models else platform.processor(), 'logical_cpus': os.cpu_count(),
-            'mem_total_gib': round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB, 1),
-            'torch': torch.__version__, 'python': platform.python_version()}
-
-
 def estimated_need(name: str, n: int, done: List[Dict]) -> Optional[int]:
     """Bytes a dense case at ``n`` should need: its largest measured size scaled by (n / size)^2."""
     measured = [r for r in done if r['loss_name'] == name and r.get('added_bytes')]
@@ -147,14 +139,13 @@ def measure(name: str, n: int, args, done: List[Dict]) -> Dict:
     if need is not None and need + SPARE_BYTES > available:
         record['skipped'] = f'needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} GiB available'
         return record
-    command = [sys.executable, os.path.abspath(__file__), '--child', name, str(n), '--threads', str(args.threads),
-               '--tile', str(args.tile), '--logit-scale', str(args.logit_scale), '--repeats', str(args.repeats),
-               '--data-limit', str(available - SPARE_BYTES)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode != 0:
-        record['failed'] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f'exit {proc.returncode}'
+    result = run_child(__file__, ['--child', name, str(n), '--threads', str(args.threads), '--tile', str(args.tile),
+                                  '--logit-scale', str(args.logit_scale), '--repeats', str(args.repeats),
+                                  '--data-limit', str(available - SPARE_BYTES)], timeout=3600)
+    if 'error' in result:
+        record['failed'] = ' '.join(result['error']) or 'no output'
         return record
-    record.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    record.update(result)
     return record
 
 
@@ -185,7 +176,6 @@ def main(argv=None) -> None:
     parser.add_argument('--logit-scale', type=float, default=1 / 0.07)
     parser.add_argument('--repeats', type=int, default=2,
                         help=f'timed calls per case up to B = {REPEAT_UP_TO}, the fastest counts (larger: one)')
-    parser.add_argument('--output', default=os.path.join(ROOT, 'bench', 'results', 'loss_memory.json'))
     parser.add_argument('--child', nargs=2, metavar=('LOSS', 'B'), help=argparse.SUPPRESS)
     parser.add_argument('--data-limit', type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -199,13 +189,11 @@ def main(argv=None) -> None:
     for name, n in cases:
         records.append(measure(name, n, args, records))
         print(json.dumps(records[-1]), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     result = {'machine': machine(), 'dim': DIM, 'threads': args.threads, 'tile_size': args.tile,
               'logit_scale': args.logit_scale, 'repeats': args.repeats, 'records': records}
-    with open(args.output, 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=1)
     print(f"\n{result['machine']}, {args.threads} threads, D = {DIM}\n")
     print(table(records))
+    print('results:', write_results('loss_memory', result))
 
 
 if __name__ == '__main__':

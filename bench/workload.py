@@ -38,7 +38,7 @@ class Workload:
         self.model = build_unicl_model(self.config).to(device).train()
         self.optimizer = build_optimizer(self.config, self.model, 1e-4)
         self.tokenizer = build_tokenizer(self.config.MODEL.TEXT_ENCODER)
-        self.criterion = UniCLLoss()
+        self.criterion = UniCLLoss(tile_size=self.config.TRAIN.LOSS_TILE_SIZE)
 
     def step(self, batch: int, full_text: bool = False) -> 'Step':
         return Step(self, batch, full_text)
