@@ -26,7 +26,7 @@ from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, r
 from evaluation.linear_probe import DEFAULT_LEARNING_RATES, DEFAULT_WEIGHT_DECAYS, INIT_HEADS
 from evaluation.metrics import METRICS
 from utils.checkpoint import DEFAULT_CACHE
-from utils.distributed import get_rank, init_distributed
+from utils.distributed import get_rank, init_distributed, is_dist
 from utils.logger import setup_logger
 from utils.precision import AMP_LEVELS
 
@@ -61,7 +61,7 @@ class Session:
 
     def single_checkpoint(self) -> str:
         if len(self.args.resume) != 1:
-            raise SystemExit('several --resume checkpoints need --suite')
+            raise SystemExit('several --resume checkpoints need --suite (zeroshot and linear-probe only)')
         return self.args.resume[0]
 
     def suite(self, evaluate) -> Dict:
@@ -221,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     try:
         return args.run(Session(args))
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if is_dist():
             dist.destroy_process_group()
 
 

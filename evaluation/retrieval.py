@@ -24,7 +24,7 @@ from data.sources.caption_table import CaptionTableSource
 from data.sources.webdataset_shards import IMAGE_EXTENSIONS, expand_shards
 
 from .cache import FeatureCache
-from .data import ImageItem
+from .data import ImageItem, image_name
 from .encoder import Encoder
 
 RECALL_AT = (1, 5, 10)
@@ -42,7 +42,7 @@ def _group_by_image(pairs: Sequence[Tuple[ImageItem, str]]) -> CaptionedImages:
     index: Dict[object, int] = {}
     images, captions, owner = [], [], []
     for image, caption in pairs:
-        key = image if isinstance(image, str) else image[1]
+        key = image_name(image)
         if key not in index:
             index[key] = len(images)
             images.append(image)
