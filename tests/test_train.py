@@ -157,6 +157,15 @@ def test_sigterm_saves_and_exits(tiny_data, tmp_path):
     assert len(saved) == 1 and safe_load(saved[0])['progress']['step'] >= 2
 
 
+@pytest.mark.parametrize('keep', [1, 2, 4, 5])
+def test_the_newest_keep_checkpoints_are_kept(tmp_path, keep):
+    manager = CheckpointManager(str(tmp_path), keep=keep)
+    for step in range(1, 8):
+        manager.save({'progress': {'step': step}}, step)
+        kept = [CheckpointManager._step(p) for p in manager.checkpoints()]
+        assert kept == list(range(max(1, step - keep + 1), step + 1)), (step, kept)
+
+
 def test_latest_unreadable_checkpoint_falls_back(tmp_path):
     manager = CheckpointManager(str(tmp_path), keep=5)
     manager.save({'progress': {'step': 1}}, 1)

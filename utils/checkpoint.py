@@ -224,7 +224,7 @@ class CheckpointManager:
         if later:
             logger.warning(f'{len(later)} checkpoint(s) in {self.directory} are of later steps than {step}, '
                            f'e.g. {later[-1]}; resuming picks the highest step')
-        for old in others[:len(others) - (self.keep - 1)] if self.keep > 0 else []:
+        for old in others[:max(len(others) - (self.keep - 1), 0)] if self.keep > 0 else []:
             os.unlink(old)
         return path
 
