@@ -327,26 +327,33 @@ def test_sigterms_at_any_step_end_like_the_uninterrupted_run(tiny_data, tmp_path
         assert torch.allclose(value, reference[key], atol=1e-6), key
 
 
-def test_restart_of_a_run_started_from_a_release_file_continues(tiny_data, tmp_path, caplog):
-    """--resume RELEASE.pth only initializes weights: the same command started again takes the run's own
-    newest checkpoint, says so, and ends like the uninterrupted run."""
-    release = str(tmp_path / 'release.pth')
-    torch.manual_seed(7)
-    torch.save({'model': build_unicl_model(main.build_run_config(main.parse_option(
-        _args(tiny_data, str(tmp_path))))).state_dict()}, release)
-    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '2', 'TRAIN.KEEP_CHECKPOINTS', '2', 'MODEL.RESUME', release)
+@pytest.mark.parametrize('kind', ['release', 'training-checkpoint'])
+def test_restart_of_a_run_started_from_a_file_continues(tiny_data, tmp_path, caplog, kind):
+    """--resume FILE (a release: weights only; or another run's training checkpoint) starts the run; the same
+    command started again takes the run's own newest checkpoint, says so, and ends like the uninterrupted
+    run, instead of going back to FILE."""
+    opts = ('TRAIN.EPOCHS', '2', 'TRAIN.SAVE_STEPS', '2', 'TRAIN.KEEP_CHECKPOINTS', '2')
+    if kind == 'release':
+        source, stop_at = str(tmp_path / 'release.pth'), 5
+        torch.manual_seed(7)
+        torch.save({'model': build_unicl_model(main.build_run_config(main.parse_option(
+            _args(tiny_data, str(tmp_path))))).state_dict()}, source)
+    else:  # another run stopped at step 6; this one continues it and is stopped at 9
+        code, _ = _fit(tiny_data, str(tmp_path / 'source'), *opts, sigterm_at={6})
+        source, stop_at = CheckpointManager(_run_dir(str(tmp_path / 'source'))).checkpoints()[-1], 9
+    opts += ('MODEL.RESUME', source)
     code, straight = _fit(tiny_data, str(tmp_path / 'straight'), *opts)
     assert code == 0
     out = str(tmp_path / 'restarted')
     caplog.set_level('INFO', logger='unicl.train')
-    code, first = _fit(tiny_data, out, *opts, sigterm_at={5})
-    assert code == 128 + signal.SIGTERM and first.progress.step == 5
+    code, first = _fit(tiny_data, out, *opts, sigterm_at={stop_at})
+    assert code == 128 + signal.SIGTERM and first.progress.step == stop_at
     code, trainer = _fit(tiny_data, out, *opts)
     assert code == 0 and trainer.progress.step == 16
     assert [os.path.basename(p) for p in CheckpointManager(_run_dir(out)).checkpoints()] == [
         'checkpoint_000000014.pth', 'checkpoint_000000016.pth']
-    assert any('next step 6' in r.message for r in caplog.records)  # not back to step 1
-    assert any('only initializes weights' in r.message and 'checkpoint_000000005.pth' in r.message
+    assert any(f'next step {stop_at + 1}' in r.message for r in caplog.records)  # not back to FILE's step
+    assert any('checkpoints of its own' in r.message and f'checkpoint_00000000{stop_at}.pth' in r.message
                for r in caplog.records)
     reference = straight.model.state_dict()
     for key, value in trainer.model.state_dict().items():

@@ -120,28 +120,23 @@ class Trainer:
             logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
 
     def resume(self) -> None:
-        """Continue from MODEL.RESUME ('latest' or a file), or the newest checkpoint with AUTO_RESUME.
+        """Continue from the run's newest checkpoint (MODEL.RESUME 'latest', or TRAIN.AUTO_RESUME), else from
+        MODEL.RESUME (a training checkpoint, or a release file that only initializes the weights).
 
-        A MODEL.RESUME file that only holds weights (a release) initializes a new run; once the run has
-        checkpoints of its own, the newest of them wins (as the official AUTO_RESUME overrides RESUME), so
-        the same command started again (torchrun --max-restarts, a requeue) continues instead of restarting
-        from the release."""
+        With AUTO_RESUME the run's own checkpoints win over a MODEL.RESUME file of any kind, as in the official
+        code, so the same command started again (torchrun --max-restarts, a requeue) continues where it
+        stopped instead of going back to that file."""
         source = self.config.MODEL.RESUME
-        path, state = None, None
-        if source == 'latest' or (not source and self.config.TRAIN.AUTO_RESUME):
-            path, state = self.checkpoints.load_latest()
-            if path is None:
-                logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
-                return
-        elif source:
+        own_first = source == 'latest' or self.config.TRAIN.AUTO_RESUME
+        path, state = self.checkpoints.load_latest() if own_first else (None, None)
+        if path is not None and source not in ('', 'latest'):
+            logger.info(f'this run has checkpoints of its own: resuming from the newest, {path}, '
+                        f'instead of MODEL.RESUME {source} (TRAIN.AUTO_RESUME)')
+        elif path is None and source not in ('', 'latest'):
             path, state = source, safe_load(resolve_source(source))
-            if 'optimizer' not in state and self.config.TRAIN.AUTO_RESUME:
-                own_path, own_state = self.checkpoints.load_latest()
-                if own_path is not None:
-                    logger.info(f'MODEL.RESUME {source} only initializes weights and this run has its own '
-                                f'checkpoints: taking the newest, {own_path}')
-                    path, state = own_path, own_state
-        else:
+        if path is None:
+            if own_first:
+                logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
             return
         if 'optimizer' not in state:  # a release file: weights only
             load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
