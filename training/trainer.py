@@ -28,7 +28,7 @@ from utils.checkpoint import CheckpointManager, resolve_source, safe_load
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
 from utils.precision import autocast, autocast_dtype
 
-from .accumulation import StepParts, get_accumulation_mode
+from .accumulation import StepParts, get_accumulation_mode, to_device
 from .metrics import Meter, open_tensorboard, peak_memory_mb
 from .signals import StopRequest
 from .state import Progress, all_rng_states, set_rng_state
@@ -334,11 +334,10 @@ class Trainer:
         return 0
 
     @torch.no_grad()
+    @torch.no_grad()
     def throughput(self) -> None:
         """Images/s of the image encoder and of a full forward on one training batch (as the official)."""
-        images, tokens, _ = next(iter(self.loader))
-        images = images.to(self.device)
-        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        images, tokens, _ = to_device(next(iter(self.loader)), self.device)
         self.model.eval()
         warmup, timed = (50, 30) if self.device.type == 'cuda' else (2, 5)
         for name, run in (('image encoder', lambda: self.model.encode_image(images)),
