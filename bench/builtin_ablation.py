@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from statistics import mean
@@ -26,26 +25,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from reporting.plots import plot_runs  # noqa: E402
+from reporting.scalars import read_scalars  # noqa: E402
 
 RUNS = {'labels + captions (UniCL)': 'unicl_tiny_builtin', 'labels only': 'unicl_tiny_builtin_labels',
         'captions only': 'unicl_tiny_builtin_captions'}
-ZEROSHOT_LINE = re.compile(r'zero-shot on \d+ images of .*: Acc@1 ([\d.]+) Acc@5 ([\d.]+)')
 CHANCE = 100 / 16
 
 
-def epoch_accuracies(log_path: str) -> List[Dict[str, float]]:
-    with open(log_path, encoding='utf-8') as f:
-        return [{'acc1': float(m.group(1)), 'acc5': float(m.group(2))} for m in ZEROSHOT_LINE.finditer(f.read())]
-
-
 def train(config_name: str, data: str, output: str, opts: List[str]) -> List[Dict[str, float]]:
+    """Trains one run; its zero-shot Acc@1 / Acc@5 per epoch, read back from its tensorboard events."""
     command = [sys.executable, 'main.py', '--cfg', f'configs/{config_name}.yaml', '--data-path', data,
                '--output', output] + (['--opts', *opts] if opts else [])
     subprocess.run(command, cwd=ROOT, check=True)
-    logs = [os.path.join(r, 'log_rank0.txt') for r, _, files in os.walk(output) if 'log_rank0.txt' in files]
-    if len(logs) != 1:
-        raise RuntimeError(f'expected one run log under {output}, found {logs}')
-    return epoch_accuracies(logs[0])
+    runs = [r for r, folders, _ in os.walk(output) if 'tensorboard' in folders]
+    if len(runs) != 1:
+        raise RuntimeError(f'expected one run under {output}, found {runs}')
+    scalars = read_scalars(runs[0])
+    return [{'acc1': acc1, 'acc5': acc5} for (_, acc1), (_, acc5) in zip(scalars['val/acc1'], scalars['val/acc5'])]
 
 
 def _mean_and_values(values: Sequence[float]) -> str:
