@@ -71,8 +71,12 @@ def resolve_templates(spec: str) -> List[str]:
         return ['a photo of a {}.']
     if not os.path.isfile(spec):
         raise ValueError(f'--templates {spec!r} is neither "imagenet", "single" nor a file')
-    templates = read_lines(spec)
-    bad = [t for t in templates if '{}' not in t]
+    return check_templates(read_lines(spec), spec)
+
+
+def check_templates(templates: List[str], where: str) -> List[str]:
+    """`templates` when there is at least one and each has a "{}" for the class name; else a ValueError."""
+    bad = [t for t in templates if not isinstance(t, str) or '{}' not in t]
     if not templates or bad:
-        raise ValueError(f'{spec}: every template needs a "{{}}" for the class name; bad: {bad[:3]}')
+        raise ValueError(f'{where}: every template needs a "{{}}" for the class name; bad: {bad[:3]}')
     return templates

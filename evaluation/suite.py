@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from data.classnames import CLASSNAMES_FILE, resolve_templates
+from data.classnames import CLASSNAMES_FILE, check_templates, resolve_templates
 
 from .encoder import Encoder
 from .metrics import get_metric
@@ -79,9 +79,7 @@ def _dataset(entry: object, position: int, base: str, suite: str) -> SuiteDatase
     get_metric(metric)
     templates = entry.get('templates')
     if isinstance(templates, list):
-        bad = [t for t in templates if not isinstance(t, str) or '{}' not in t]
-        if not templates or bad:
-            raise ValueError(f'{where}: every template needs a "{{}}" for the class name; bad: {bad[:3]}')
+        check_templates(templates, where)
     elif templates is not None:
         templates = str(templates)
         if templates not in ('imagenet', 'single'):
