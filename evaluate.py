@@ -21,8 +21,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from data.transforms import DEFAULT_EVAL_TRANSFORM, EVAL_TRANSFORMS
 from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, run_linear_probe, run_retrieval,
-                        run_suite, run_zeroshot, write_suite_results)
+                        run_suite, run_zeroshot)
 from evaluation.linear_probe import DEFAULT_LEARNING_RATES, DEFAULT_WEIGHT_DECAYS, INIT_HEADS
 from evaluation.metrics import METRICS
 from utils.checkpoint import DEFAULT_CACHE
@@ -46,6 +47,17 @@ def _write_json(output: Optional[str], name: str, content: Dict) -> None:
             json.dump(content, f, indent=2)
 
 
+# Options that cannot change a suite's numbers: where results go, which checkpoints, speed. Every other
+# option belongs to the settings a resumed suite must share with the results it reuses.
+NOT_SUITE_SETTINGS = frozenset({'output', 'resume', 'device', 'batch_size', 'num_workers', 'cache_dir', 'no_cache',
+                                'fresh', 'save_predictions', 'run'})
+
+
+def suite_settings(args: argparse.Namespace) -> Dict:
+    """The command line minus NOT_SUITE_SETTINGS: compared path for path, value for value, not by content."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SUITE_SETTINGS}
+
+
 class Session:
     """What every command shares: the process group, logging, the device, and how to load a checkpoint."""
 
@@ -57,7 +69,8 @@ class Session:
 
     def load(self, checkpoint: str):
         a = self.args
-        return load_encoder(a.cfg, checkpoint, self.device, a.opts, a.amp, a.batch_size, a.num_workers)
+        return load_encoder(a.cfg, checkpoint, self.device, a.opts, a.amp, a.batch_size, a.num_workers,
+                            getattr(a, 'transform', None))
 
     def single_checkpoint(self) -> str:
         if len(self.args.resume) != 1:
@@ -65,14 +78,16 @@ class Session:
         return self.args.resume[0]
 
     def suite(self, evaluate) -> Dict:
-        report = run_suite(self.args.resume, load_suite(self.args.suite), self.load, evaluate)
+        """`run_suite` over --resume: results written to --output as they come, resumed from it unless
+        --fresh."""
+        datasets = load_suite(self.args.suite)
+        report = run_suite(self.args.resume, datasets, self.load, evaluate, self.args.output,
+                           suite_settings(self.args), self.args.fresh)
         if get_rank() == 0:
             for name in report['datasets']:
                 logger.info(f'{name}: ' + ', '.join(f'{c} {report["results"][name][c]["value"]:.2f}'
                                                      for c in report['checkpoints']))
             logger.info('average: ' + ', '.join(f'{c} {v:.2f}' for c, v in report['average'].items()))
-            if self.args.output:
-                write_suite_results(self.args.output, report)
         return report
 
 
@@ -82,14 +97,22 @@ class Session:
 def zeroshot_command(session: Session) -> Dict:
     args = session.args
     if args.suite:
-        return session.suite(lambda encoder, d: run_zeroshot(
-            encoder, d.zeroshot_folder, d.classnames_file, d.templates or args.templates, d.metric).value)
+        def suite_zeroshot(encoder, d) -> Dict:
+            transform = d.transform or args.transform
+            d.check_class_folders(d.zeroshot_folder)
+            result = run_zeroshot(encoder.with_transform(transform), d.zeroshot_folder, d.classnames_file,
+                                  d.templates or args.templates, d.metric)
+            return {'value': result.value, 'mode': 'zeroshot', 'top1': result.top1, 'top5': result.top5,
+                    'num_images': result.num_images, 'num_classes': result.num_classes,
+                    'split': d.zeroshot_split, 'transform': transform}
+
+        return session.suite(suite_zeroshot)
     checkpoint = session.single_checkpoint()
     result = run_zeroshot(session.load(checkpoint), args.data_path, args.classnames, args.templates, args.metric,
                           keep_predictions=args.save_predictions)
     summary = {'top1': result.top1, 'top5': result.top5, 'num_images': result.num_images,
                'num_classes': result.num_classes, 'metric': result.metric, 'value': result.value,
-               'checkpoint': checkpoint, 'config': args.cfg, 'templates': args.templates}
+               'checkpoint': checkpoint, 'config': args.cfg, 'templates': args.templates, 'transform': args.transform}
     logger.info(f' * Acc@1 {result.top1:.3f} Acc@5 {result.top5:.3f} {result.metric} {result.value:.3f} '
                 f'({result.num_images} images, {result.num_classes} classes)')
     _write_json(args.output, 'zeroshot_results.json', summary)
@@ -109,9 +132,20 @@ def linear_probe_command(session: Session) -> Dict:
                                 templates, cache)
 
     if args.suite:
-        return session.suite(lambda encoder, d: probe(
-            encoder, d.split('train'), d.split('val'), d.test_folder,
-            d.metric, d.classnames_file, d.templates or args.templates).value)
+        def suite_probe(encoder, d) -> Dict:
+            transform = d.transform or args.transform
+            if args.init_head == 'text':  # only then do class names meet the folders
+                d.check_class_folders(d.split('train'))
+            result = probe(encoder.with_transform(transform), d.split('train'), d.split('val'), d.test_folder,
+                           d.metric, d.classnames_file, d.templates or args.templates)
+            # The probe's own details; to become probe_summary(result) once evaluation/linear_probe.py has it.
+            details = {'value': result.value, 'top1': result.top1, 'lr': result.lr,
+                       'weight_decay': result.weight_decay, 'num_train': result.num_train,
+                       'num_test': result.num_test}
+            return {**details, 'mode': 'linear-probe', 'split': 'test' if d.test_folder else 'val',
+                    'transform': transform}
+
+        return session.suite(suite_probe)
     if not (args.train_path and args.val_path):
         raise SystemExit('linear-probe needs --train-path and --val-path (or --suite)')
     checkpoint = session.single_checkpoint()
@@ -162,6 +196,12 @@ def _classification(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--classnames', help='class names, one per line in sorted-folder order '
                         '(default: DIR/classnames.txt, else the ImageNet-1K names for 1000 classes)')
     parser.add_argument('--templates', default='imagenet', help='imagenet (81 official), single, or a file')
+    parser.add_argument('--transform', choices=sorted(EVAL_TRANSFORMS), default=DEFAULT_EVAL_TRANSFORM,
+                        help='eval transform: resize (Resize 256/224 x size + CenterCrop, as training validates), '
+                        'crop (ELEVATER: Resize size + CenterCrop), squash (Resize to size x size); a suite '
+                        "dataset's own `transform` wins (default: %(default)s)")
+    parser.add_argument('--fresh', action='store_true', help='with --suite: discard OUT/suite_results.json and '
+                        'start over (default: resume from it, if its settings are the same)')
 
 
 def _cache(parser: argparse.ArgumentParser) -> None:

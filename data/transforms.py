@@ -1,7 +1,7 @@
 """Image transforms as the official training and evaluation build them."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, List, Optional
 
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -12,18 +12,49 @@ _INTERPOLATION = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': Interpolatio
                   'nearest': InterpolationMode.NEAREST}
 
 
-def build_eval_transform(config) -> Callable:
-    """Resize(int(256/224 * IMG_SIZE)) -> CenterCrop(IMG_SIZE) -> ImageNet mean/std (TEST.CROP);
-    else a plain resize to IMG_SIZE x IMG_SIZE. 'random' interpolation evaluates as bicubic."""
+def _official_validation(config, size: int, interpolation: InterpolationMode) -> List[Callable]:
+    # The UniCL/ImageNet validation transform, the one training validates with; TEST.CROP false and
+    # CIFAR-sized images keep the official code's behaviour.
+    if size <= 32:
+        return []
+    if config.TEST.CROP:
+        return [transforms.Resize(int(256 / 224 * size), interpolation=interpolation), transforms.CenterCrop(size)]
+    return [transforms.Resize((size, size), interpolation=interpolation)]
+
+
+def _shorter_side_crop(config, size: int, interpolation: InterpolationMode) -> List[Callable]:
+    # ELEVATER with CENTER_CROP: no 256/224 margin, so more of the image survives the crop.
+    return [transforms.Resize(size, interpolation=interpolation), transforms.CenterCrop(size)]
+
+
+def _squash(config, size: int, interpolation: InterpolationMode) -> List[Callable]:
+    # ELEVATER without CENTER_CROP (kitti-distance): the whole frame, aspect ratio not kept.
+    return [transforms.Resize((size, size), interpolation=interpolation)]
+
+
+# Geometry of an evaluation transform by name; each maps (config, size, interpolation) to the steps before
+# ToTensor + Normalize.
+EVAL_TRANSFORMS: Dict[str, Callable[..., List[Callable]]] = {
+    'resize': _official_validation,
+    'crop': _shorter_side_crop,
+    'squash': _squash,
+}
+DEFAULT_EVAL_TRANSFORM = 'resize'
+
+
+def build_eval_transform(config, mode: Optional[str] = None) -> Callable:
+    """The evaluation transform `mode` at DATA.IMG_SIZE, then ImageNet mean/std:
+    'resize' (the default, also for None): Resize(int(256/224 * IMG_SIZE)) -> CenterCrop(IMG_SIZE) as the
+    official validation (with TEST.CROP false a plain resize to IMG_SIZE x IMG_SIZE; images of 32 pixels or
+    less are not resized); 'crop': Resize(IMG_SIZE) of the shorter side -> CenterCrop(IMG_SIZE), ELEVATER's;
+    'squash': Resize((IMG_SIZE, IMG_SIZE)), ELEVATER's without center crop.
+    DATA.INTERPOLATION 'random' evaluates as bicubic."""
+    mode = DEFAULT_EVAL_TRANSFORM if mode is None else mode
+    if mode not in EVAL_TRANSFORMS:
+        raise ValueError(f'unknown eval transform {mode!r}; known: {sorted(EVAL_TRANSFORMS)}')
     size = config.DATA.IMG_SIZE
     interpolation = _INTERPOLATION.get(config.DATA.INTERPOLATION, InterpolationMode.BICUBIC)
-    steps = []
-    if size > 32:
-        if config.TEST.CROP:
-            steps += [transforms.Resize(int(256 / 224 * size), interpolation=interpolation),
-                      transforms.CenterCrop(size)]
-        else:
-            steps.append(transforms.Resize((size, size), interpolation=interpolation))
+    steps = EVAL_TRANSFORMS[mode](config, size, interpolation)
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(steps)
 

@@ -3,6 +3,7 @@ length), device, autocast dtype, batch size, and the checkpoint file for feature
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
@@ -45,9 +46,15 @@ class Encoder:
     batch_size: Optional[int] = None  # images per batch and process; None: DATA.BATCH_SIZE
     num_workers: Optional[int] = None  # None: DATA.NUM_WORKERS
     checkpoint: Optional[str] = None  # the local checkpoint file, when the weights came from one
+    transform_mode: Optional[str] = None  # a name of data.transforms.EVAL_TRANSFORMS; None: the default
 
     def __post_init__(self):
-        self.transform = build_eval_transform(self.config)
+        self.transform = build_eval_transform(self.config, self.transform_mode)
+
+    def with_transform(self, mode: Optional[str]) -> 'Encoder':
+        """This encoder with eval transform `mode` (None: the default): a copy sharing the model, so a suite
+        switches transforms per dataset without reloading the weights."""
+        return dataclasses.replace(self, transform_mode=mode)
 
     def images(self, items: Sequence[ImageItem], desc: str = 'image features') -> Tensor:
         """`[N, D]` normalized image embeddings in `items` order, on every rank."""
@@ -79,9 +86,10 @@ class Encoder:
 
 def load_encoder(cfg: str, checkpoint: str, device: torch.device, opts: Optional[list] = None,
                  amp: Optional[str] = None, batch_size: Optional[int] = None,
-                 num_workers: Optional[int] = None) -> Encoder:
+                 num_workers: Optional[int] = None, transform: Optional[str] = None) -> Encoder:
     """The model of config file `cfg` with the weights of `checkpoint` (a path or URL, any layout that
-    `load_pretrained` reads). `amp` overrides the config's AMP_OPT_LEVEL (same reading as training)."""
+    `load_pretrained` reads). `amp` overrides the config's AMP_OPT_LEVEL (same reading as training);
+    `transform` names the eval transform (see `data.transforms.build_eval_transform`)."""
     config = load_config(cfg, opts)
     model = build_unicl_model(config).to(device)
     path = resolve_source(checkpoint)
@@ -89,4 +97,4 @@ def load_encoder(cfg: str, checkpoint: str, device: torch.device, opts: Optional
     logger.info(f'loaded {checkpoint} ({len(report.unexpected)} unexpected keys ignored)')
     dtype = autocast_dtype(config.AMP_OPT_LEVEL if amp is None else amp, device)
     return Encoder(model.eval(), build_tokenizer(config.MODEL.TEXT_ENCODER), config, device, dtype, batch_size,
-                   num_workers, checkpoint=path)
+                   num_workers, checkpoint=path, transform_mode=transform)
