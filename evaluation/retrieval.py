@@ -6,8 +6,12 @@ or a COCO-style captions JSON: Karpathy's split file (`images[].filename`, `file
 same image (rows sharing an image path) belong to one image.
 
 A query hits at K when a relevant item is among its K best: for an image, any of its captions; for a caption,
-its image. The rank of a query is the number of irrelevant items scoring strictly higher than its best
-relevant one.
+its image. The rank of a query is the number of irrelevant items scoring at least as high as its best relevant
+one: ties count against the query (the pessimistic rank). A collapsed model whose scores all tie thus gets
+Recall@K = 0 for K below the number of candidates, at or under chance (K / candidates, about what
+CLIP_benchmark's arbitrary torch.topk pick among tied items gives), never the 100 that counting only strictly
+higher items would give. Exact ties are otherwise rare, except between identical captions of different
+images, which tie for every image query.
 """
 from __future__ import annotations
 
@@ -114,7 +118,9 @@ def _recalls(ranks: Tensor) -> Dict[int, float]:
 def retrieval_recalls(image_embeddings: Tensor, text_embeddings: Tensor, caption_image: Tensor,
                       chunk: int = 1024) -> Dict[str, float]:
     """`image_to_text_R@K` and `text_to_image_R@K` (percent) from normalized embeddings; `caption_image[j]` is
-    the image of text j. Works through the similarity matrix in row chunks to bound memory."""
+    the image of text j. A query's rank counts the wrong items scoring >= its best right one, so ties count
+    against the query: an order-dependent tie-break would let a degenerate model (all scores equal) score
+    R@1 = 100. Works through the similarity matrix in row chunks to bound memory."""
     num_images = image_embeddings.shape[0]
     image_ranks, text_ranks = [], []
     for start in range(0, num_images, chunk):
@@ -122,11 +128,13 @@ def retrieval_recalls(image_embeddings: Tensor, text_embeddings: Tensor, caption
         similarity = image_embeddings[rows] @ text_embeddings.T
         relevant = caption_image[None, :] == rows[:, None]
         best = similarity.masked_fill(~relevant, float('-inf')).max(dim=1, keepdim=True).values
-        image_ranks.append(((similarity > best) & ~relevant).sum(dim=1))
+        image_ranks.append(((similarity >= best) & ~relevant).sum(dim=1))
     for start in range(0, text_embeddings.shape[0], chunk):
         similarity = text_embeddings[start:start + chunk] @ image_embeddings.T
-        own = similarity.gather(1, caption_image[start:start + chunk, None])
-        text_ranks.append((similarity > own).sum(dim=1))
+        own_image = caption_image[start:start + chunk, None]
+        own = similarity.gather(1, own_image)
+        wrong = torch.ones_like(similarity, dtype=torch.bool).scatter_(1, own_image, False)
+        text_ranks.append(((similarity >= own) & wrong).sum(dim=1))
     results = {f'image_to_text_R@{k}': v for k, v in _recalls(torch.cat(image_ranks)).items()}
     results.update({f'text_to_image_R@{k}': v for k, v in _recalls(torch.cat(text_ranks)).items()})
     return results

@@ -1,4 +1,5 @@
-"""Image-text retrieval: recalls by hand and against a brute-force ranking, the caption formats, the CLI."""
+"""Image-text retrieval: recalls by hand (ties counting against the query) and against a brute-force ranking,
+the caption formats, the CLI."""
 import io
 import json
 import os
@@ -22,31 +23,73 @@ def test_recalls_by_hand_with_several_captions_per_image():
     # I0's best text is c0 (its own): hit. I1's best is c1 (I0's), its own c2 comes second: miss at 1.
     # I2's best is c3 (its own): hit.
     assert recalls['image_to_text_R@1'] == pytest.approx(200 / 3)
-    # c0 -> I0 hit; c1 (= e1) -> I1 miss; c2 -> I0 (0.89 > 0.45) miss; c3 -> I2 hit; c4 -> I2 hit
+    # c0 -> I0 hit; c1 (= e1) -> I1 miss; c2 -> I0 (0.89 > 0.45) miss; c3 -> I2 hit; c4 -> I2 hit.
+    # c1 scores 0 for its own I0 and for I2: that tie counts against it, rank 2, still within 5.
     assert recalls['text_to_image_R@1'] == pytest.approx(60.0)
     assert recalls['image_to_text_R@5'] == recalls['text_to_image_R@5'] == 100.0
 
 
+def test_an_exact_tie_between_a_right_and_a_wrong_item_is_a_miss_at_1():
+    e = torch.eye(2)
+    # c0 and c1 are the same caption, of I0 and of I1: each image scores its own and the other's alike.
+    # c2 (of I0) lies halfway between the images.
+    texts = F.normalize(torch.stack([e[0] + e[1], e[0] + e[1], e[0] + e[1]]), dim=1)
+    owner = torch.tensor([0, 1, 0])
+    recalls = retrieval_recalls(e, texts, owner)
+    assert recalls['image_to_text_R@1'] == 0.0 and recalls['text_to_image_R@1'] == 0.0
+    assert recalls['image_to_text_R@5'] == recalls['text_to_image_R@5'] == 100.0
+    # one step off the tie and the right item wins
+    texts[2] = F.normalize(e[0] + 0.9 * e[1], dim=0)
+    assert retrieval_recalls(e, texts, owner)['text_to_image_R@1'] == pytest.approx(100 / 3)
+
+
+def test_a_collapsed_model_scores_at_or_below_chance():
+    # every image embedding equal, every text embedding equal: all scores tie. Chance, a random ranking,
+    # is R@K = K / 50 (2, 10, 20 %) with 50 images of one caption each; ties counting against the query give
+    # 0 (each query has 49 wrong items tied with its right one). Counting only strictly higher wrong items
+    # would give 100.
+    images = F.normalize(torch.ones(50, 8), dim=1)
+    texts = F.normalize(torch.arange(8.0).repeat(50, 1), dim=1)
+    recalls = retrieval_recalls(images, texts, torch.arange(50), chunk=16)
+    assert all(value == 0.0 for value in recalls.values()), recalls
+    # several captions per image: 20 images x 5 captions, an image's chance at R@1 is 5 %, a caption's 5 %
+    owner = torch.arange(20).repeat_interleave(5)
+    recalls = retrieval_recalls(images[:20], texts[:1].repeat(100, 1), owner)
+    assert recalls['image_to_text_R@1'] <= 5.0 and recalls['text_to_image_R@1'] <= 5.0
+
+
 def brute_force(images, texts, owner, k):
+    """Recall@k by the explicit rule: a query's rank is the number of wrong items scoring >= its best right
+    one, one query and one candidate at a time."""
     i2t = []
     for i in range(len(images)):
-        ranked = (images[i] @ texts.T).argsort(descending=True)[:k]
-        i2t.append(bool((owner[ranked] == i).any()))
+        scores = (images[i] @ texts.T).tolist()
+        best = max(s for j, s in enumerate(scores) if owner[j] == i)
+        i2t.append(sum(1 for j, s in enumerate(scores) if owner[j] != i and s >= best) < k)
     t2i = []
     for j in range(len(texts)):
-        t2i.append(owner[j].item() in (texts[j] @ images.T).argsort(descending=True)[:k].tolist())
+        scores = (texts[j] @ images.T).tolist()
+        own = scores[owner[j]]
+        t2i.append(sum(1 for i, s in enumerate(scores) if i != owner[j] and s >= own) < k)
     return 100 * sum(i2t) / len(i2t), 100 * sum(t2i) / len(t2i)
 
 
-def test_recalls_match_a_brute_force_ranking_in_chunks():
+@pytest.mark.parametrize('ties', [False, True])
+def test_recalls_match_a_brute_force_ranking_in_chunks(ties):
     g = torch.Generator().manual_seed(0)
-    images = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    if ties:  # small integer embeddings: many scores tie exactly (integer dot products)
+        images = torch.randint(-1, 2, (40, 4), generator=g).float()
+    else:
+        images = F.normalize(torch.randn(40, 8, generator=g), dim=1)
     owner = torch.randint(0, 40, (100,), generator=g)
     owner[:40] = torch.arange(40)  # every image has a caption
-    texts = F.normalize(images[owner] + 0.8 * torch.randn(100, 8, generator=g), dim=1)
+    if ties:
+        texts = images[owner] + torch.randint(-1, 2, (100, 4), generator=g).float()
+    else:
+        texts = F.normalize(images[owner] + 0.8 * torch.randn(100, 8, generator=g), dim=1)
     recalls = retrieval_recalls(images, texts, owner, chunk=7)
     for k in (1, 5, 10):
-        i2t, t2i = brute_force(images, texts, owner, k)
+        i2t, t2i = brute_force(images, texts, owner.tolist(), k)
         assert recalls[f'image_to_text_R@{k}'] == pytest.approx(i2t)
         assert recalls[f'text_to_image_R@{k}'] == pytest.approx(t2i)
 
