@@ -1,62 +1,141 @@
-"""Linear probe on frozen features, the ELEVATER protocol: a linear classifier (optionally starting from the
-zero-shot classifier) trained with a learning rate and an L2 weight decay searched on a validation split,
-then refit on train + validation and scored on the test split.
+"""Linear probes on frozen image features, under one of two protocols:
 
-Everything here runs on cached feature tensors, never on images, so the whole search takes seconds on a CPU
-for datasets of tens of thousands of images. All grid points train together: their heads share each
-mini-batch in one matrix product, and each has its own optimizer group.
+- `default`: a tuned multinomial logistic regression (`evaluation.logistic`): the weight decay chosen by the
+  coarse-to-fine search on held-out data, the head refit with it and reported as fit (never on a best test
+  epoch). Scores like scikit-learn's `LogisticRegressionCV` on the same features (bench/linear_probe.py).
+- `elevater`: the ELEVATER benchmark's procedure exactly (`evaluation.elevater_probe`), for numbers that sit
+  next to published ELEVATER / UniCL / CLIP tables.
+
+Both run on cached features, never on images. `shots` (ELEVATER's 5 / 20 / 50-shot) samples K training images
+per class with each seed; several seeds report their mean and standard deviation.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from utils.checkpoint import save_atomic
+from utils.distributed import get_rank
+
 from .cache import FeatureCache
-from .data import image_folder
+from .data import LabeledImages, image_folder
+from .elevater_probe import REPORT_RULE as ELEVATER_REPORT_RULE
+from .elevater_probe import ElevaterSettings, elevater_probe
 from .encoder import Encoder
+from .errors import EvaluationInputError
+from .logistic import MAX_ITERATIONS, LinearHead, fit_logistic
 from .metrics import accuracy, get_metric
+from .search import WeightDecaySearch, search_together
 from .zeroshot import Templates, class_embeddings, dataset_classnames
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEARNING_RATES = (1e-3, 1e-2, 1e-1)
-DEFAULT_WEIGHT_DECAYS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+Split = Tuple[Tensor, Tensor]  # (features [N, D], labels [N])
+INIT_HEADS = ('zero', 'text')
+VALIDATION_FRACTION = 0.2
 
 
 @dataclass
 class ProbeSettings:
-    learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES
-    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS
-    epochs: int = 30
-    batch_size: int = 256
-    seed: int = 0
+    protocol: str = 'default'
+    shots: Optional[int] = None  # training images per class; None: all
+    seeds: Sequence[int] = (0,)  # one run per seed: the few-shot sample and the default protocol's hold-out split
+    max_iterations: int = MAX_ITERATIONS  # default protocol: L-BFGS iterations per fit
+    elevater: ElevaterSettings = field(default_factory=ElevaterSettings)
 
 
 @dataclass
-class HeadInit:
-    """Starting weights `[C, D]` and bias `[C]`; zeros unless given (e.g. the zero-shot classifier)."""
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-
-    def tensors(self, num_classes: int, dim: int, device: torch.device) -> Tuple[Tensor, Tensor]:
-        weight = self.weight.float().clone() if self.weight is not None else torch.zeros(num_classes, dim)
-        bias = self.bias.float().clone() if self.bias is not None else torch.zeros(num_classes)
-        weight, bias = weight.to(device), bias.to(device)
-        if weight.shape != (num_classes, dim) or bias.shape != (num_classes,):
-            raise ValueError(f'initial head {tuple(weight.shape)} / {tuple(bias.shape)} does not fit '
-                             f'{num_classes} classes x {dim} features')
-        return weight, bias
+class ZeroShotHead:
+    """The zero-shot classifier of a dataset: normalized class embeddings `[C, D]` and the model's logit scale."""
+    embeddings: Tensor
+    logit_scale: float
 
 
-def balanced_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """(kept, held out) indices: `fraction` of every class held out (at least one image of each class that
-    has two or more), drawn with a seeded permutation."""
+@dataclass
+class LinearProbeResult:
+    """One probe run (one seed). `value` is the metric on the report split, percent."""
+    protocol: str
+    report_rule: str
+    metric: str
+    value: float
+    top1: float
+    lr: Optional[float]  # None for the default protocol (it has no learning rate)
+    weight_decay: float
+    seed: int
+    num_train: int  # images the final head was fit on
+    num_search_train: int
+    num_search_val: int
+    num_test: int
+    search: List[Dict[str, float]] = field(default_factory=list)  # every point tried, with its validation metric
+    extra: Dict[str, object] = field(default_factory=dict)  # protocol-specific facts (e.g. ELEVATER's curve)
+    test_scores: Optional[Tensor] = None  # `[N, C]` logits on the report split; not written to JSON
+
+    def summary(self) -> Dict[str, object]:
+        keys = ('seed', 'value', 'top1', 'lr', 'weight_decay', 'num_train', 'num_search_train', 'num_search_val',
+                'num_test')
+        return {**{k: getattr(self, k) for k in keys}, **self.extra, 'search': self.search}
+
+
+@dataclass
+class LinearProbeReport:
+    """All seeds' runs of one probe; `value` / `top1` are their means, `std` the sample standard deviation."""
+    protocol: str
+    report_rule: str
+    metric: str
+    shots: Optional[int]
+    runs: List[LinearProbeResult]
+    splits: Dict[str, str]  # what each role used: e.g. {'search': 'val', 'report': 'test'}
+
+    @property
+    def value(self) -> float:
+        return statistics.fmean(r.value for r in self.runs)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(r.value for r in self.runs) if len(self.runs) > 1 else 0.0
+
+    @property
+    def top1(self) -> float:
+        return statistics.fmean(r.top1 for r in self.runs)
+
+    def summary(self) -> Dict[str, object]:
+        """The JSON of `evaluate.py linear-probe`: the mean over seeds first, every run after; with a single
+        seed its lr, weight decay and image counts also at the top level."""
+        content: Dict[str, object] = {
+            'protocol': self.protocol, 'report_rule': self.report_rule, 'metric': self.metric, 'value': self.value,
+            'std': self.std, 'top1': self.top1, 'shots': self.shots, 'seeds': [r.seed for r in self.runs],
+            'splits': self.splits, 'num_test': self.runs[0].num_test}
+        if len(self.runs) == 1:
+            run = self.runs[0]
+            content.update(lr=run.lr, weight_decay=run.weight_decay, num_train=run.num_train,
+                           num_search_train=run.num_search_train, num_search_val=run.num_search_val)
+        content['runs'] = [r.summary() for r in self.runs]
+        return content
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which images each role uses: decided from the labels alone, before any feature is extracted
+# ----------------------------------------------------------------------------------------------------
+def few_shot_indices(labels: Tensor, shots: int, seed: int) -> Tensor:
+    """`shots` images of every class drawn with `seed` (all of a class that has fewer), in dataset order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:shots]])
+    return torch.cat(chosen).sort().values
+
+
+def balanced_split(labels: Tensor, fraction: float = VALIDATION_FRACTION, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """(kept, held out) indices: round(fraction x n) random images of every class held out, at least one
+    where a class has two or more, never a class's only image (training would lose the class)."""
     generator = torch.Generator().manual_seed(seed)
     kept, held = [], []
     for c in labels.unique().tolist():
@@ -68,122 +147,204 @@ def balanced_split(labels: Tensor, fraction: float = 0.2, seed: int = 0) -> Tupl
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
-def train_heads(features: Tensor, labels: Tensor, num_classes: int, grid: Sequence[Tuple[float, float]],
-                settings: ProbeSettings, init: HeadInit = HeadInit()) -> List[Tuple[Tensor, Tensor]]:
-    """One linear head per (learning rate, weight decay) in `grid`, trained on the same mini-batches:
-    cross-entropy + wd/2 * ||W||^2 (the bias is not decayed), Adam, cosine learning-rate decay. Runs on the
-    features' device."""
-    features, labels = features.float(), labels.to(features.device).long()
-    weight0, bias0 = init.tensors(num_classes, features.shape[1], features.device)
-    weights = [weight0.clone().requires_grad_(True) for _ in grid]
-    biases = [bias0.clone().requires_grad_(True) for _ in grid]
-    optimizer = torch.optim.Adam([{'params': [w, b], 'lr': lr} for (lr, _), w, b in zip(grid, weights, biases)])
-    decays = torch.tensor([wd for _, wd in grid], dtype=torch.float32, device=features.device)
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps_per_epoch = math.ceil(len(features) / settings.batch_size)
-    total_steps, step = settings.epochs * steps_per_epoch, 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(features), generator=generator).to(features.device)
-        for start in range(0, len(features), settings.batch_size):
-            batch = order[start:start + settings.batch_size]
-            stacked_w, stacked_b = torch.stack(weights), torch.stack(biases)  # [G, C, D], [G, C]
-            logits = torch.einsum('bd,gcd->gbc', features[batch], stacked_w) + stacked_b[:, None, :]
-            target = labels[batch].repeat(len(grid))
-            # Sum over heads of each head's mean cross-entropy: the heads' gradients stay independent.
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), target, reduction='sum') / len(batch)
-            loss = loss + (decays * stacked_w.pow(2).sum(dim=(1, 2))).sum() / 2
-            for group, (lr, _) in zip(optimizer.param_groups, grid):
-                group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-    return [(w.detach(), b.detach()) for w, b in zip(weights, biases)]
-
-
-def head_scores(features: Tensor, head: Tuple[Tensor, Tensor]) -> Tensor:
-    """`[N, C]` logits, on the CPU where the metrics run."""
-    weight, bias = head
-    return (features.float().to(weight.device) @ weight.T + bias).cpu()
-
-
 @dataclass
-class LinearProbeResult:
-    metric: str
-    value: float  # the metric on the test split, percent
-    top1: float
-    lr: float
-    weight_decay: float
-    num_train: int  # images the final head was fit on (train + validation)
-    num_test: int
-    search: List[Dict[str, float]] = field(default_factory=list)  # every grid point's validation metric
+class RunPlan:
+    """Rows of the training split's features one seed trains on."""
+    seed: int
+    train_rows: Tensor
+    merge_validation: bool = True  # ELEVATER's 1-shot runs train the final head on the train part only
 
 
-def search_hyperparameters(train: Tuple[Tensor, Tensor], val: Tuple[Tensor, Tensor], num_classes: int,
-                           metric: str, settings: ProbeSettings, init: HeadInit = HeadInit()
-                           ) -> Tuple[Tuple[float, float], List[Dict[str, float]]]:
-    """The (lr, weight decay) whose head scores best on `val`. Ties go to the larger weight decay, then the
-    smaller learning rate: the more conservative fit."""
-    grid = [(lr, wd) for lr in settings.learning_rates for wd in settings.weight_decays]
-    heads = train_heads(*train, num_classes, grid, settings, init)
+def plan_runs(train_labels: Tensor, settings: ProbeSettings) -> Tuple[List[RunPlan], Optional[int]]:
+    """One plan per seed, and the shots actually drawn. ELEVATER turns 1-shot into 2-shot without merging
+    the validation image back (a 1-shot class has nothing to validate on)."""
+    shots, merge = settings.shots, True
+    if settings.protocol == 'elevater' and shots == 1:
+        shots, merge = 2, False
+        logger.info('ELEVATER protocol: 1-shot runs draw 2 images per class and train the final head on one')
+    plans = []
+    for seed in settings.seeds:
+        rows = few_shot_indices(train_labels, shots, seed) if shots else torch.arange(len(train_labels))
+        plans.append(RunPlan(seed, rows, merge))
+    return plans, shots
+
+
+def _check_can_hold_out(labels: Tensor, where: str) -> None:
+    counts = torch.bincount(labels)
+    if counts.max() < 2:
+        raise EvaluationInputError(f'{where}: every class has at most one training image, so no validation part '
+                                   'can be held out for the search; give more images per class (or --shots >= 2), '
+                                   'or a --val-path and a --test-path')
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocols, on features
+# ----------------------------------------------------------------------------------------------------
+def default_probe(train: Split, search_split: Tuple[Split, Split], test: Split, num_classes: int, metric: str,
+                  settings: ProbeSettings, seed: int, zeroshot: Optional[ZeroShotHead] = None) -> LinearProbeResult:
+    """Search the weight decay on `search_split` (train part, validation part), refit on `train`, score `test`."""
+    prior = (LinearHead(zeroshot.logit_scale * zeroshot.embeddings, torch.zeros(num_classes))
+             if zeroshot is not None else None)
     metric_fn = get_metric(metric)
-    search = [{'lr': lr, 'weight_decay': wd, 'value': metric_fn(head_scores(val[0], head), val[1].cpu())}
-              for (lr, wd), head in zip(grid, heads)]
-    best = max(search, key=lambda r: (r['value'], r['weight_decay'], -r['lr']))
-    return (best['lr'], best['weight_decay']), search
+    (fit_x, fit_y), (val_x, val_y) = search_split
+    search = WeightDecaySearch()
+    visited: List[Dict[str, float]] = []
+
+    def score(pairs: List[Tuple[int, int]]) -> List[float]:
+        values = []
+        for _, index in pairs:
+            head = fit_logistic(fit_x, fit_y, num_classes, search.grid[index], prior,
+                                max_iterations=settings.max_iterations)
+            values.append(metric_fn(head.scores(val_x), val_y.cpu()))
+            visited.append({'weight_decay': search.grid[index], 'value': values[-1]})
+        return values
+
+    search_together([search], score)
+    weight_decay, _ = search.best
+    head = fit_logistic(*train, num_classes, weight_decay, prior, max_iterations=settings.max_iterations)
+    scores, targets = head.scores(test[0]), test[1].cpu()
+    return LinearProbeResult('default', 'final_head', metric, metric_fn(scores, targets), accuracy(scores, targets),
+                             None, weight_decay, seed, len(train[1]), len(fit_y), len(val_y), len(targets),
+                             visited, test_scores=scores)
 
 
-def linear_probe(train: Tuple[Tensor, Tensor], val: Tuple[Tensor, Tensor], test: Tuple[Tensor, Tensor],
-                 num_classes: int, metric: str = 'accuracy', settings: ProbeSettings = ProbeSettings(),
-                 init: HeadInit = HeadInit()) -> LinearProbeResult:
-    """Search on (train, val), refit on train + val with the chosen values, score on test. Each split is
-    (features `[N, D]`, labels `[N]`)."""
-    (lr, wd), search = search_hyperparameters(train, val, num_classes, metric, settings, init)
-    logger.info(f'linear probe: lr {lr:g}, weight decay {wd:g} chosen on {len(val[1])} validation images '
-                f'({metric} {max(r["value"] for r in search):.2f})')
-    features, labels = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
-    head, = train_heads(features, labels, num_classes, [(lr, wd)], settings, init)
-    scores, targets = head_scores(test[0], head), test[1].cpu()
-    return LinearProbeResult(metric=metric, value=get_metric(metric)(scores, targets),
-                             top1=accuracy(scores, targets), lr=lr, weight_decay=wd,
-                             num_train=len(labels), num_test=len(test[1]), search=search)
+def run_default(train: Split, splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
+                plan: RunPlan, zeroshot: Optional[ZeroShotHead] = None) -> LinearProbeResult:
+    """With a test split: search on val, refit on train + val. Without: hold out part of train, refit on all
+    of train (the result is then on val)."""
+    if 'test' in splits:
+        search_split = (train, splits['val'])
+        train = (torch.cat([train[0], splits['val'][0]]), torch.cat([train[1], splits['val'][1]]))
+    else:
+        kept, held = (i.to(train[0].device) for i in balanced_split(train[1].cpu(), VALIDATION_FRACTION, plan.seed))
+        search_split = ((train[0][kept], train[1][kept]), (train[0][held], train[1][held]))
+    report = splits['test' if 'test' in splits else 'val']
+    return default_probe(train, search_split, report, num_classes, metric, settings, plan.seed, zeroshot)
+
+
+def run_elevater(train: Split, splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
+                 plan: RunPlan, zeroshot: Optional[ZeroShotHead] = None) -> LinearProbeResult:
+    """The search split is carved from train whatever other splits exist; a val split beside a test split
+    is not used (the toolkit ignores the benchmark's own val sets too)."""
+    report = splits['test' if 'test' in splits else 'val']
+    # The toolkit's text-initialised head is the normalized class embeddings with logit scale exp(0) = 1.
+    outcome = elevater_probe(train, report, num_classes, metric, settings.elevater,
+                             zeroshot.embeddings if zeroshot is not None else None, plan.merge_validation)
+    targets = report[1].cpu()
+    return LinearProbeResult('elevater', ELEVATER_REPORT_RULE, metric, outcome.value,
+                             accuracy(outcome.test_scores, targets), outcome.lr, outcome.weight_decay, plan.seed,
+                             outcome.num_train, outcome.num_search_train, outcome.num_search_val, len(targets),
+                             outcome.search, extra={'best_epoch': outcome.best_epoch,
+                                                    'value_last_epoch': outcome.value_last_epoch,
+                                                    'curve': outcome.curve},
+                             test_scores=outcome.test_scores)
+
+
+ProtocolRunner = Callable[[Split, Dict[str, Split], int, str, ProbeSettings, RunPlan, Optional[ZeroShotHead]],
+                          LinearProbeResult]
+PROTOCOLS: Dict[str, ProtocolRunner] = {'default': run_default, 'elevater': run_elevater}
+
+
+def holds_out_from_train(protocol: str, has_test: bool) -> bool:
+    return protocol == 'elevater' or not has_test
+
+
+def splits_used(protocol: str, has_test: bool, merge_validation: bool = True) -> Dict[str, str]:
+    """What each role of the probe used, for the results file."""
+    report = 'test' if has_test else 'val'
+    if protocol == 'elevater':
+        final = 'train' if merge_validation else 'train without its validation part (1-shot)'
+        return {'search': 'train, scored on the first 20% of each class', 'final': final, 'report': report}
+    if has_test:
+        return {'search': 'train, scored on val', 'final': 'train + val', 'report': 'test'}
+    return {'search': 'train, scored on a random 20% of each class', 'final': 'train', 'report': 'val'}
+
+
+def probe_features(splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
+                   zeroshot: Optional[ZeroShotHead] = None, plans: Optional[List[RunPlan]] = None
+                   ) -> LinearProbeReport:
+    """The probe on extracted features: `splits` holds `train` and `val`, and `test` when there is one; the
+    result is on `test`, else on `val`. `plans` (default: drawn from the train labels) say which train rows
+    each seed uses."""
+    if settings.protocol not in PROTOCOLS:
+        raise EvaluationInputError(f'unknown protocol {settings.protocol!r}; known: {", ".join(PROTOCOLS)}')
+    train_x, train_y = splits['train']
+    shots = settings.shots
+    if plans is None:
+        plans, shots = plan_runs(train_y.cpu(), settings)
+    elif settings.protocol == 'elevater' and shots == 1:
+        shots = 2
+    runs = []
+    for plan in plans:
+        rows = plan.train_rows.to(train_x.device)
+        run = PROTOCOLS[settings.protocol]((train_x[rows], train_y[rows]), splits, num_classes, metric, settings,
+                                           plan, zeroshot)
+        if settings.shots:
+            run.extra['train_rows'] = plan.train_rows.tolist()  # rows of features_train.pt this seed trained on
+        runs.append(run)
+    used = splits_used(settings.protocol, 'test' in splits, plans[0].merge_validation)
+    return LinearProbeReport(settings.protocol, runs[0].report_rule, metric, shots, runs, used)
 
 
 # ----------------------------------------------------------------------------------------------------
 # From image folders
 # ----------------------------------------------------------------------------------------------------
-INIT_HEADS = ('zero', 'text')
+def save_features(output: str, splits: Dict[str, Split], folders: Dict[str, LabeledImages],
+                  rows: Dict[str, Tensor]) -> List[str]:
+    """`OUT/features_<split>.pt` = `{'features': float [N, D], 'labels': int64 [N], 'paths': [N]}`: the raw
+    features the heads are trained on, before any normalization a protocol applies."""
+    written = []
+    if get_rank() != 0:
+        return written
+    for name, (features, labels) in splits.items():
+        path = os.path.join(output, f'features_{name}.pt')
+        save_atomic({'features': features.float().cpu(), 'labels': labels.long().cpu(),
+                     'paths': [folders[name].paths[i] for i in rows[name].tolist()]}, path)
+        written.append(path)
+    return written
 
 
 def run_linear_probe(encoder: Encoder, train_path: str, val_path: str, test_path: Optional[str] = None,
                      metric: str = 'accuracy', settings: ProbeSettings = ProbeSettings(), init_head: str = 'zero',
                      classnames_file: Optional[str] = None, templates: Templates = 'imagenet',
-                     cache: Optional[FeatureCache] = None) -> LinearProbeResult:
-    """The ELEVATER protocol on ImageFolder trees with the same class folders. With a test split the search
-    uses `val_path`; without one it uses a class-balanced 20% of train, and the result is on `val_path`.
-    `init_head='text'` starts every head from the zero-shot classifier (logit scale x class embeddings)."""
+                     cache: Optional[FeatureCache] = None, save_features_to: Optional[str] = None
+                     ) -> LinearProbeReport:
+    """The probe on ImageFolder trees with the same class folders (see `probe_features` for the roles of the
+    splits). `init_head='text'` starts from the zero-shot classifier. Every check on the folders and the
+    plan runs before any image is read; with few-shot runs only the sampled training images are encoded."""
     if init_head not in INIT_HEADS:
-        raise ValueError(f'init_head must be one of {INIT_HEADS}, got {init_head!r}')
-    get_metric(metric)  # an unknown metric fails before any feature is extracted
+        raise EvaluationInputError(f'init_head must be one of {INIT_HEADS}, got {init_head!r}')
+    get_metric(metric)
     cache = cache or FeatureCache(None)
     folders = {name: image_folder(path) for name, path in
                (('train', train_path), ('val', val_path), ('test', test_path)) if path}
     for name, folder in folders.items():
         if folder.classes != folders['train'].classes:
-            raise ValueError(f'the {name} split {folder.root} has other class folders than train '
-                             f'{folders["train"].root}')
-    # The heads train where the features are: on the GPU when there is one.
-    splits = {name: (encoder.cached_images(folder.paths, folder.labels, cache, desc=f'{name} features'),
-                     torch.tensor(folder.labels, device=encoder.device)) for name, folder in folders.items()}
-    if 'test' in splits:
-        search_train, search_val, test = splits['train'], splits['val'], splits['test']
-    else:
-        kept, held = (i.to(encoder.device) for i in balanced_split(splits['train'][1].cpu(), seed=settings.seed))
-        search_train = tuple(t[kept] for t in splits['train'])
-        search_val = tuple(t[held] for t in splits['train'])
-        test = splits['val']
-    init = HeadInit()
+            raise EvaluationInputError(f'the {name} split {folder.root} has other class folders than train '
+                                       f'{folders["train"].root}')
+    train_labels = torch.tensor(folders['train'].labels)
+    plans, _ = plan_runs(train_labels, settings)
+    if holds_out_from_train(settings.protocol, 'test' in folders):
+        for plan in plans:
+            _check_can_hold_out(train_labels[plan.train_rows], folders['train'].root)
+    rows = {name: torch.arange(len(folder)) for name, folder in folders.items()}
+    if settings.shots:  # encode only the images some seed trains on
+        used = torch.cat([plan.train_rows for plan in plans]).unique()
+        rows['train'] = used
+        for plan in plans:  # train_rows now index the encoded subset
+            plan.train_rows = torch.searchsorted(used, plan.train_rows)
+    splits = {}
+    for name, folder in folders.items():
+        paths = [folder.paths[i] for i in rows[name].tolist()]
+        labels = [folder.labels[i] for i in rows[name].tolist()]
+        # The heads train where the features are: on the GPU when there is one.
+        splits[name] = (encoder.cached_images(paths, labels, cache, desc=f'{name} features'),
+                        torch.tensor(labels, device=encoder.device))
+    if save_features_to:
+        for path in save_features(save_features_to, splits, folders, rows):
+            logger.info(f'saved {path}')
+    zeroshot = None
     if init_head == 'text':
         classnames = dataset_classnames(folders['train'], classnames_file)
-        init = HeadInit(weight=encoder.logit_scale * class_embeddings(encoder, classnames, templates))
-    return linear_probe(search_train, search_val, test, len(folders['train'].classes), metric, settings, init)
+        zeroshot = ZeroShotHead(class_embeddings(encoder, classnames, templates), encoder.logit_scale.item())
+    return probe_features(splits, len(folders['train'].classes), metric, settings, zeroshot, plans)
