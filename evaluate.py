@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
-from typing import Dict, List, Optional
+import urllib.error
+from typing import Callable, Dict, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,9 +26,12 @@ import torch.distributed as dist
 from data.transforms import DEFAULT_EVAL_TRANSFORM, EVAL_TRANSFORMS
 from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, run_linear_probe, run_retrieval,
                         run_suite, run_zeroshot)
+from evaluation.checks import (check_checkpoints, check_linear_probe, check_retrieval, check_suite, check_zeroshot,
+                               read_suite)
+from evaluation.errors import EvaluationInputError
 from evaluation.linear_probe import DEFAULT_LEARNING_RATES, DEFAULT_WEIGHT_DECAYS, INIT_HEADS
 from evaluation.metrics import METRICS
-from utils.checkpoint import DEFAULT_CACHE
+from utils.checkpoint import DEFAULT_CACHE, CheckpointError
 from utils.distributed import get_rank, init_distributed, is_dist
 from utils.logger import setup_logger
 from utils.precision import AMP_LEVELS
@@ -69,17 +74,26 @@ class Session:
 
     def load(self, checkpoint: str):
         a = self.args
-        return load_encoder(a.cfg, checkpoint, self.device, a.opts, a.amp, a.batch_size, a.num_workers,
-                            getattr(a, 'transform', None))
+        try:
+            return load_encoder(a.cfg, checkpoint, self.device, a.opts, a.amp, a.batch_size, a.num_workers,
+                                getattr(a, 'transform', None))
+        except (CheckpointError, EOFError, urllib.error.URLError) as e:
+            # The commands check local files first; this is what is left: a URL's download or its file.
+            raise EvaluationInputError(f'cannot load checkpoint {checkpoint} with config {a.cfg}: '
+                                       f'{str(e).strip().splitlines()[0]}') from None
 
     def single_checkpoint(self) -> str:
         if len(self.args.resume) != 1:
-            raise SystemExit('several --resume checkpoints need --suite (zeroshot and linear-probe only)')
+            raise EvaluationInputError('several --resume checkpoints need --suite (zeroshot and linear-probe only)')
         return self.args.resume[0]
 
     def suite(self, evaluate) -> Dict:
         """`run_suite` over --resume: results written to --output as they come, resumed from it unless
         --fresh."""
+        a = self.args
+        # Every dataset and checkpoint before the first is loaded: a problem in the last must not cost the rest.
+        check_suite(read_suite(a.suite), a.command, a.templates, getattr(a, 'init_head', 'zero'), a.resume, a.cfg,
+                    a.opts)
         datasets = load_suite(self.args.suite)
         report = run_suite(self.args.resume, datasets, self.load, evaluate, self.args.output,
                            suite_settings(self.args), self.args.fresh)
@@ -108,6 +122,8 @@ def zeroshot_command(session: Session) -> Dict:
 
         return session.suite(suite_zeroshot)
     checkpoint = session.single_checkpoint()
+    check_zeroshot(args.data_path, args.classnames, args.templates, args.metric)
+    check_checkpoints(args.cfg, args.opts, [checkpoint])
     result = run_zeroshot(session.load(checkpoint), args.data_path, args.classnames, args.templates, args.metric,
                           keep_predictions=args.save_predictions)
     summary = {'top1': result.top1, 'top5': result.top5, 'num_images': result.num_images,
@@ -147,8 +163,11 @@ def linear_probe_command(session: Session) -> Dict:
 
         return session.suite(suite_probe)
     if not (args.train_path and args.val_path):
-        raise SystemExit('linear-probe needs --train-path and --val-path (or --suite)')
+        raise EvaluationInputError('linear-probe needs --train-path and --val-path (or --suite)')
     checkpoint = session.single_checkpoint()
+    check_linear_probe(args.train_path, args.val_path, args.test_path, args.metric, args.init_head, args.classnames,
+                       args.templates)
+    check_checkpoints(args.cfg, args.opts, [checkpoint])
     result = probe(session.load(checkpoint), args.train_path, args.val_path, args.test_path, args.metric,
                    args.classnames, args.templates)
     summary = {'top1': result.top1, 'metric': result.metric, 'value': result.value, 'lr': result.lr,
@@ -165,6 +184,8 @@ def linear_probe_command(session: Session) -> Dict:
 def retrieval_command(session: Session) -> Dict:
     args = session.args
     checkpoint = session.single_checkpoint()
+    check_retrieval(args.data_path, args.image_root)
+    check_checkpoints(args.cfg, args.opts, [checkpoint])
     cache = FeatureCache(None if args.no_cache else args.cache_dir)
     results = run_retrieval(session.load(checkpoint), args.data_path, args.image_root, args.split, cache)
     summary = {**results, 'checkpoint': checkpoint, 'config': args.cfg, 'data_path': args.data_path}
@@ -177,12 +198,42 @@ def retrieval_command(session: Session) -> Dict:
 # ----------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, with an error as the single line `PROG: error: MESSAGE` (exit code 2), the form every user
+    error of this command takes: the usage argparse prints first would push the message off the screen."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def _number(convert: Callable[[str], float], minimum: float, strict: bool) -> Callable[[str], float]:
+    kind = 'an integer' if convert is int else 'a number'
+    bound = f'{">" if strict else ">="} {minimum:g}'
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {kind} {bound}, got {text!r}') from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f'must be {bound}, got {text}')
+        return value
+    return parse
+
+
+positive_int = _number(int, 1, strict=False)
+non_negative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0, strict=True)
+non_negative_float = _number(float, 0, strict=False)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--cfg', required=True, help='model config (e.g. configs/unicl_swin_tiny.yaml)')
     parser.add_argument('--resume', required=True, nargs='+', help='checkpoint path(s) or URL(s); several need --suite')
     parser.add_argument('--output', help='folder for the results files')
-    parser.add_argument('--batch-size', type=int, help='images per batch and process (default DATA.BATCH_SIZE)')
-    parser.add_argument('--num-workers', type=int, help='data loading workers (default DATA.NUM_WORKERS)')
+    parser.add_argument('--batch-size', type=positive_int,
+                        help='images per batch and process (default DATA.BATCH_SIZE)')
+    parser.add_argument('--num-workers', type=non_negative_int, help='data loading workers (default DATA.NUM_WORKERS)')
     parser.add_argument('--amp', choices=[level for level in AMP_LEVELS if level],
                         help="autocast: O0/fp32/none, bf16, fp16, or O1/O2 (bf16 on CUDA); default: the config's "
                         "AMP_OPT_LEVEL, as training validates")
@@ -211,7 +262,8 @@ def _cache(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='UniCL evaluation')
+    # prog fixed: under pytest or `python -m` argv[0] is not evaluate.py, and errors name the command by it
+    parser = _OneLineErrors(prog='evaluate.py', description='UniCL evaluation')
     commands = parser.add_subparsers(dest='command', required=True)
 
     zeroshot = commands.add_parser('zeroshot', help='zero-shot classification on an ImageFolder tree or a suite')
@@ -230,13 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--test-path', help='ImageFolder tree the result is reported on')
     probe.add_argument('--init-head', choices=INIT_HEADS, default='zero',
                        help='start the head at zero or at the zero-shot classifier (text)')
-    probe.add_argument('--lrs', type=float, nargs='+', default=list(DEFAULT_LEARNING_RATES),
+    probe.add_argument('--lrs', type=positive_float, nargs='+', default=list(DEFAULT_LEARNING_RATES),
                        help='searched learning rates')
-    probe.add_argument('--weight-decays', type=float, nargs='+', default=list(DEFAULT_WEIGHT_DECAYS),
+    probe.add_argument('--weight-decays', type=non_negative_float, nargs='+', default=list(DEFAULT_WEIGHT_DECAYS),
                        help='searched L2 weight decays')
-    probe.add_argument('--epochs', type=int, default=30, help='epochs over the cached features per fit')
-    probe.add_argument('--probe-batch-size', type=int, default=256, help='features per step of the head')
-    probe.add_argument('--seed', type=int, default=0, help='seed of the hold-out split and the batch order')
+    probe.add_argument('--epochs', type=positive_int, default=30, help='epochs over the cached features per fit')
+    probe.add_argument('--probe-batch-size', type=positive_int, default=256, help='features per step of the head')
+    probe.add_argument('--seed', type=non_negative_int, default=0,
+                       help='seed of the hold-out split and the batch order')
     probe.set_defaults(run=linear_probe_command)
 
     retrieval = commands.add_parser('retrieval', help='image-text retrieval Recall@1/5/10')
@@ -253,13 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == 'zeroshot':
-        if bool(args.suite) == bool(args.data_path):
-            parser.error('zeroshot needs exactly one of --data-path and --suite')
-        if args.save_predictions and (not args.output or args.suite):
-            parser.error('--save-predictions needs --output and a single --data-path')
     try:
+        if args.command == 'zeroshot':
+            if bool(args.suite) == bool(args.data_path):
+                raise EvaluationInputError('zeroshot needs exactly one of --data-path and --suite')
+            if args.save_predictions and (not args.output or args.suite):
+                raise EvaluationInputError('--save-predictions needs --output and a single --data-path')
         return args.run(Session(args))
+    except EvaluationInputError as e:
+        # Only the user's errors: any other exception is a bug and keeps its traceback.
+        parser.exit(2, f'{parser.prog} {args.command}: error: {" ".join(str(e).split())}\n')
     finally:
         if is_dist():
             dist.destroy_process_group()

@@ -17,6 +17,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from utils.distributed import get_rank, get_world_size
 
+from .errors import EvaluationInputError
+
 # An image is a file path or, for images read out of tar shards, (bytes, where they came from).
 ImageItem = Union[str, Tuple[bytes, str]]
 
@@ -66,11 +68,23 @@ class LabeledImages:
 
 
 def image_folder(root: str) -> LabeledImages:
-    """The ImageFolder tree at `root` (one folder per class); an empty tree is an error."""
+    """The ImageFolder tree at `root` (one folder per class); a missing tree, one without class folders or
+    with a class folder without images is an `EvaluationInputError` naming it."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'no image folder {root}')
-    classes, class_to_idx = find_classes(root)
-    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+        raise EvaluationInputError(f'{root} is a file, not an image folder' if os.path.exists(root)
+                                   else f'no image folder {root}')
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise EvaluationInputError(f'no class folders in {root}: an image folder holds one folder of images '
+                                   f'per class') from None
+    # allow_empty, so that the error below can name the folder (torchvision's names only the classes)
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    empty = sorted(set(classes) - {classes[y] for _, y in samples})
+    if empty:
+        raise EvaluationInputError(f'{root}: {len(empty)} class folder(s) without images ({", ".join(empty[:3])}'
+                                   f'{", ..." if len(empty) > 3 else ""}), image extensions: '
+                                   f'{" ".join(IMG_EXTENSIONS)}')
     return LabeledImages(root, classes, [p for p, _ in samples], [y for _, y in samples])
 
 
