@@ -29,7 +29,9 @@ from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, r
 from evaluation.checks import (check_checkpoints, check_linear_probe, check_retrieval, check_suite, check_zeroshot,
                                read_suite)
 from evaluation.errors import EvaluationInputError
-from evaluation.linear_probe import DEFAULT_LEARNING_RATES, DEFAULT_WEIGHT_DECAYS, INIT_HEADS
+from evaluation.elevater_probe import ElevaterSettings
+from evaluation.linear_probe import INIT_HEADS, PROTOCOLS, LinearProbeReport
+from evaluation.logistic import MAX_ITERATIONS
 from evaluation.metrics import METRICS
 from utils.checkpoint import DEFAULT_CACHE, CheckpointError
 from utils.distributed import get_rank, init_distributed, is_dist
@@ -138,27 +140,47 @@ def zeroshot_command(session: Session) -> Dict:
     return summary
 
 
+def _probe_settings(args: argparse.Namespace) -> ProbeSettings:
+    """The protocol's settings from the options; an option of the other protocol is refused, not ignored."""
+    elevater_options = {'lrs': '--lrs', 'epochs': '--epochs', 'final_epochs': '--final-epochs',
+                        'probe_batch_size': '--probe-batch-size'}
+    if args.protocol == 'default':
+        given = [flag for key, flag in elevater_options.items() if getattr(args, key) is not None]
+        if given:
+            raise EvaluationInputError(f'{", ".join(given)}: only for --protocol elevater (the default protocol '
+                                       'solves a logistic regression to convergence; see --max-iterations)')
+    elif args.max_iterations is not None:
+        raise EvaluationInputError('--max-iterations: only for --protocol default')
+    defaults = ElevaterSettings()
+    elevater = ElevaterSettings(
+        learning_rates=tuple(args.lrs) if args.lrs else defaults.learning_rates,
+        epochs=args.epochs or defaults.epochs, final_epochs=args.final_epochs or defaults.final_epochs,
+        batch_size=args.probe_batch_size or defaults.batch_size)
+    return ProbeSettings(protocol=args.protocol, shots=args.shots, seeds=tuple(dict.fromkeys(args.seeds)),
+                         max_iterations=args.max_iterations or MAX_ITERATIONS, elevater=elevater)
+
+
 def linear_probe_command(session: Session) -> Dict:
     args = session.args
-    settings = ProbeSettings(args.lrs, args.weight_decays, args.epochs, args.probe_batch_size, args.seed)
+    settings = _probe_settings(args)
     cache = FeatureCache(None if args.no_cache else args.cache_dir)
+    if args.save_features and (args.suite or not args.output):
+        raise EvaluationInputError('--save-features needs --output and a single dataset (no --suite)')
 
-    def probe(encoder, train, val, test, metric, classnames, templates):
+    def probe(encoder, train, val, test, metric, classnames, templates, save_to=None) -> LinearProbeReport:
         return run_linear_probe(encoder, train, val, test, metric, settings, args.init_head, classnames,
-                                templates, cache)
+                                templates, cache, save_to)
 
     if args.suite:
         def suite_probe(encoder, d) -> Dict:
             transform = d.transform or args.transform
             if args.init_head == 'text':  # only then do class names meet the folders
                 d.check_class_folders(d.split('train'))
-            result = probe(encoder.with_transform(transform), d.split('train'), d.split('val'), d.test_folder,
+            report = probe(encoder.with_transform(transform), d.split('train'), d.split('val'), d.test_folder,
                            d.metric, d.classnames_file, d.templates or args.templates)
-            # The probe's own details; to become probe_summary(result) once evaluation/linear_probe.py has it.
-            details = {'value': result.value, 'top1': result.top1, 'lr': result.lr,
-                       'weight_decay': result.weight_decay, 'num_train': result.num_train,
-                       'num_test': result.num_test}
-            return {**details, 'mode': 'linear-probe', 'split': 'test' if d.test_folder else 'val',
+            summary = report.summary()
+            del summary['metric']  # the suite keeps its own
+            return {**summary, 'mode': 'linear-probe', 'split': summary['splits']['report'],
                     'transform': transform}
 
         return session.suite(suite_probe)
@@ -168,15 +190,16 @@ def linear_probe_command(session: Session) -> Dict:
     check_linear_probe(args.train_path, args.val_path, args.test_path, args.metric, args.init_head, args.classnames,
                        args.templates)
     check_checkpoints(args.cfg, args.opts, [checkpoint])
-    result = probe(session.load(checkpoint), args.train_path, args.val_path, args.test_path, args.metric,
-                   args.classnames, args.templates)
-    summary = {'top1': result.top1, 'metric': result.metric, 'value': result.value, 'lr': result.lr,
-               'weight_decay': result.weight_decay, 'num_train': result.num_train, 'num_test': result.num_test,
-               'init_head': args.init_head, 'epochs': args.epochs, 'checkpoint': checkpoint, 'config': args.cfg,
-               'search': result.search}
-    logger.info(f' * linear probe {result.metric} {result.value:.3f} (top-1 {result.top1:.3f}) with lr '
-                f'{result.lr:g}, weight decay {result.weight_decay:g}; fit on {result.num_train}, '
-                f'tested on {result.num_test} images')
+    report = probe(session.load(checkpoint), args.train_path, args.val_path, args.test_path, args.metric,
+                   args.classnames, args.templates, args.output if args.save_features else None)
+    summary = {**report.summary(), 'init_head': args.init_head, 'transform': args.transform,
+               'checkpoint': checkpoint, 'config': args.cfg}
+    spread = f' +- {report.std:.3f} over seeds {summary["seeds"]}' if len(report.runs) > 1 else ''
+    chosen = ', '.join(f'seed {r.seed}: ' * (len(report.runs) > 1) + (f'lr {r.lr:g}, ' if r.lr is not None else '')
+                       + f'weight decay {r.weight_decay:g}' for r in report.runs)
+    logger.info(f' * linear probe ({report.protocol} protocol, {report.report_rule}) {report.metric} '
+                f'{report.value:.3f}{spread} (top-1 {report.top1:.3f}); {chosen}; reported on '
+                f'{report.splits["report"]} ({summary["num_test"]} images)')
     _write_json(args.output, 'linear_probe_results.json', summary)
     return summary
 
@@ -273,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument('--save-predictions', action='store_true', help='write OUT/predictions.jsonl')
     zeroshot.set_defaults(run=zeroshot_command)
 
-    probe = commands.add_parser('linear-probe', help='linear probe on frozen features (ELEVATER protocol)')
+    probe = commands.add_parser('linear-probe', help='linear probe on frozen features (default or ELEVATER protocol)')
     _common(probe)
     _classification(probe)
     _cache(probe)
@@ -282,14 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument('--test-path', help='ImageFolder tree the result is reported on')
     probe.add_argument('--init-head', choices=INIT_HEADS, default='zero',
                        help='start the head at zero or at the zero-shot classifier (text)')
-    probe.add_argument('--lrs', type=positive_float, nargs='+', default=list(DEFAULT_LEARNING_RATES),
-                       help='searched learning rates')
-    probe.add_argument('--weight-decays', type=non_negative_float, nargs='+', default=list(DEFAULT_WEIGHT_DECAYS),
-                       help='searched L2 weight decays')
-    probe.add_argument('--epochs', type=positive_int, default=30, help='epochs over the cached features per fit')
-    probe.add_argument('--probe-batch-size', type=positive_int, default=256, help='features per step of the head')
-    probe.add_argument('--seed', type=non_negative_int, default=0,
-                       help='seed of the hold-out split and the batch order')
+    probe.add_argument('--protocol', choices=sorted(PROTOCOLS), default='default',
+                       help='default: a logistic regression solved to convergence, weight decay searched on '
+                       'held-out data, reported as fit; elevater: the ELEVATER benchmark procedure exactly (SGD, '
+                       'lr x weight-decay search, best test epoch reported)')
+    probe.add_argument('--shots', type=positive_int, help='training images per class, drawn with each seed '
+                       '(ELEVATER: 5, 20, 50); default: all')
+    probe.add_argument('--seeds', type=non_negative_int, nargs='+', default=[0],
+                       help='one run per seed (few-shot sample, hold-out split); the mean and std are reported')
+    probe.add_argument('--save-features', action='store_true',
+                       help='write OUT/features_<split>.pt: the features the head is trained on')
+    probe.add_argument('--max-iterations', type=positive_int,
+                       help=f'default protocol: L-BFGS iterations per fit (default {MAX_ITERATIONS})')
+    probe.add_argument('--lrs', type=positive_float, nargs='+',
+                       help='elevater protocol: searched learning rates (default: logspace(-6, -1, 6))')
+    probe.add_argument('--epochs', type=positive_int, help='elevater protocol: epochs per search run (default 10)')
+    probe.add_argument('--final-epochs', type=positive_int,
+                       help='elevater protocol: epochs of the final head (default 50)')
+    probe.add_argument('--probe-batch-size', type=positive_int,
+                       help='elevater protocol: features per SGD step (default 64)')
     probe.set_defaults(run=linear_probe_command)
 
     retrieval = commands.add_parser('retrieval', help='image-text retrieval Recall@1/5/10')
