@@ -149,15 +149,19 @@ def _probe_settings(args: argparse.Namespace) -> ProbeSettings:
         if given:
             raise EvaluationInputError(f'{", ".join(given)}: only for --protocol elevater (the default protocol '
                                        'solves a logistic regression to convergence; see --max-iterations)')
-    elif args.max_iterations is not None:
-        raise EvaluationInputError('--max-iterations: only for --protocol default')
+    else:
+        given = [flag for key, flag in (('max_iterations', '--max-iterations'), ('search_folds', '--search-folds'))
+                 if getattr(args, key) is not None]
+        if given:
+            raise EvaluationInputError(f'{", ".join(given)}: only for --protocol default')
     defaults = ElevaterSettings()
     elevater = ElevaterSettings(
         learning_rates=tuple(args.lrs) if args.lrs else defaults.learning_rates,
         epochs=args.epochs or defaults.epochs, final_epochs=args.final_epochs or defaults.final_epochs,
         batch_size=args.probe_batch_size or defaults.batch_size)
     return ProbeSettings(protocol=args.protocol, shots=args.shots, seeds=tuple(dict.fromkeys(args.seeds)),
-                         max_iterations=args.max_iterations or MAX_ITERATIONS, elevater=elevater)
+                         max_iterations=args.max_iterations or MAX_ITERATIONS,
+                         search_folds=args.search_folds or ProbeSettings.search_folds, elevater=elevater)
 
 
 def linear_probe_command(session: Session) -> Dict:
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='write OUT/features_<split>.pt: the features the head is trained on')
     probe.add_argument('--max-iterations', type=positive_int,
                        help=f'default protocol: L-BFGS iterations per fit (default {MAX_ITERATIONS})')
+    probe.add_argument('--search-folds', type=positive_int,
+                       help='default protocol without --test-path: cross-validation folds of the weight-decay '
+                       'search (default 5; 1: one random 20%% of each class held out)')
     probe.add_argument('--lrs', type=positive_float, nargs='+',
                        help='elevater protocol: searched learning rates (default: logspace(-6, -1, 6))')
     probe.add_argument('--epochs', type=positive_int, help='elevater protocol: epochs per search run (default 10)')

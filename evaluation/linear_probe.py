@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 Split = Tuple[Tensor, Tensor]  # (features [N, D], labels [N])
 INIT_HEADS = ('zero', 'text')
 VALIDATION_FRACTION = 0.2
+# log10 bounds of the default protocol's weight-decay grid. With a mean loss the useful decay shrinks like
+# 1 / (training images): ELEVATER's 1e-6 floor was the best point on the demo's 1,280 images (the optimum
+# lay near 1e-8), so the grid reaches 1e-10, enough for ImageNet-sized sets.
+DEFAULT_WEIGHT_DECAY_RANGE = (-10, 2)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ProbeSettings:
     shots: Optional[int] = None  # training images per class; None: all
     seeds: Sequence[int] = (0,)  # one run per seed: the few-shot sample and the default protocol's hold-out split
     max_iterations: int = MAX_ITERATIONS  # default protocol: L-BFGS iterations per fit
+    search_folds: int = 5  # default protocol without a test split: cross-validation folds of its search
     elevater: ElevaterSettings = field(default_factory=ElevaterSettings)
 
 
@@ -147,6 +152,18 @@ def balanced_split(labels: Tensor, fraction: float = VALIDATION_FRACTION, seed: 
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
+def class_folds(labels: Tensor, folds: int, seed: int = 0) -> List[Tuple[Tensor, Tensor]]:
+    """Stratified k-fold (kept, held out) index pairs: each class's images, in a seeded order, dealt to the
+    folds in turn; a class's only image is never held out."""
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.full((len(labels),), -1, dtype=torch.long)
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) > 1:
+            fold_of[members[torch.randperm(len(members), generator=generator)]] = torch.arange(len(members)) % folds
+    return [((fold_of != k).nonzero().flatten(), (fold_of == k).nonzero().flatten()) for k in range(folds)]
+
+
 @dataclass
 class RunPlan:
     """Rows of the training split's features one seed trains on."""
@@ -180,46 +197,56 @@ def _check_can_hold_out(labels: Tensor, where: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The protocols, on features
 # ----------------------------------------------------------------------------------------------------
-def default_probe(train: Split, search_split: Tuple[Split, Split], test: Split, num_classes: int, metric: str,
-                  settings: ProbeSettings, seed: int, zeroshot: Optional[ZeroShotHead] = None) -> LinearProbeResult:
-    """Search the weight decay on `search_split` (train part, validation part), refit on `train`, score `test`."""
+def default_probe(train: Split, search_splits: Sequence[Tuple[Split, Split]], test: Split, num_classes: int,
+                  metric: str, settings: ProbeSettings, seed: int, zeroshot: Optional[ZeroShotHead] = None
+                  ) -> LinearProbeResult:
+    """Search the weight decay on `search_splits` ((fit part, scored part) pairs: a point's score is its mean
+    over them), refit on `train`, score `test`."""
     prior = (LinearHead(zeroshot.logit_scale * zeroshot.embeddings, torch.zeros(num_classes))
              if zeroshot is not None else None)
     metric_fn = get_metric(metric)
-    (fit_x, fit_y), (val_x, val_y) = search_split
-    search = WeightDecaySearch()
+    search = WeightDecaySearch(*DEFAULT_WEIGHT_DECAY_RANGE)
     visited: List[Dict[str, float]] = []
 
     def score(pairs: List[Tuple[int, int]]) -> List[float]:
         values = []
         for _, index in pairs:
-            head = fit_logistic(fit_x, fit_y, num_classes, search.grid[index], prior,
-                                max_iterations=settings.max_iterations)
-            values.append(metric_fn(head.scores(val_x), val_y.cpu()))
+            heads = [fit_logistic(*fit, num_classes, search.grid[index], prior, max_iterations=settings.max_iterations)
+                     for fit, _ in search_splits]
+            values.append(statistics.fmean(metric_fn(head.scores(held[0]), held[1].cpu())
+                                           for head, (_, held) in zip(heads, search_splits)))
             visited.append({'weight_decay': search.grid[index], 'value': values[-1]})
         return values
 
     search_together([search], score)
     weight_decay, _ = search.best
+    if weight_decay in (search.grid[0], search.grid[-1]):
+        logger.warning(f'linear probe: the weight decay search chose the edge of its grid ({weight_decay:g}); '
+                       'the best value may lie beyond it')
     head = fit_logistic(*train, num_classes, weight_decay, prior, max_iterations=settings.max_iterations)
     scores, targets = head.scores(test[0]), test[1].cpu()
     return LinearProbeResult('default', 'final_head', metric, metric_fn(scores, targets), accuracy(scores, targets),
-                             None, weight_decay, seed, len(train[1]), len(fit_y), len(val_y), len(targets),
-                             visited, test_scores=scores)
+                             None, weight_decay, seed, len(train[1]), len(search_splits[0][0][1]),
+                             len(search_splits[0][1][1]), len(targets), visited,
+                             extra={'search_folds': len(search_splits)}, test_scores=scores)
 
 
 def run_default(train: Split, splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
                 plan: RunPlan, zeroshot: Optional[ZeroShotHead] = None) -> LinearProbeResult:
-    """With a test split: search on val, refit on train + val. Without: hold out part of train, refit on all
-    of train (the result is then on val)."""
+    """With a test split: search on val, refit on train + val. Without: search by stratified k-fold
+    cross-validation on train (`search_folds`; 1: one random 20 % of each class held out), refit on all of
+    train (the result is then on val)."""
     if 'test' in splits:
-        search_split = (train, splits['val'])
+        search_splits = [(train, splits['val'])]
         train = (torch.cat([train[0], splits['val'][0]]), torch.cat([train[1], splits['val'][1]]))
     else:
-        kept, held = (i.to(train[0].device) for i in balanced_split(train[1].cpu(), VALIDATION_FRACTION, plan.seed))
-        search_split = ((train[0][kept], train[1][kept]), (train[0][held], train[1][held]))
+        labels = train[1].cpu()
+        parts = (class_folds(labels, settings.search_folds, plan.seed) if settings.search_folds > 1
+                 else [balanced_split(labels, VALIDATION_FRACTION, plan.seed)])
+        search_splits = [tuple((train[0][i.to(train[0].device)], train[1][i.to(train[0].device)]) for i in part)
+                         for part in parts]
     report = splits['test' if 'test' in splits else 'val']
-    return default_probe(train, search_split, report, num_classes, metric, settings, plan.seed, zeroshot)
+    return default_probe(train, search_splits, report, num_classes, metric, settings, plan.seed, zeroshot)
 
 
 def run_elevater(train: Split, splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
@@ -249,7 +276,7 @@ def holds_out_from_train(protocol: str, has_test: bool) -> bool:
     return protocol == 'elevater' or not has_test
 
 
-def splits_used(protocol: str, has_test: bool, merge_validation: bool = True) -> Dict[str, str]:
+def splits_used(protocol: str, has_test: bool, merge_validation: bool = True, folds: int = 1) -> Dict[str, str]:
     """What each role of the probe used, for the results file."""
     report = 'test' if has_test else 'val'
     if protocol == 'elevater':
@@ -257,7 +284,9 @@ def splits_used(protocol: str, has_test: bool, merge_validation: bool = True) ->
         return {'search': 'train, scored on the first 20% of each class', 'final': final, 'report': report}
     if has_test:
         return {'search': 'train, scored on val', 'final': 'train + val', 'report': 'test'}
-    return {'search': 'train, scored on a random 20% of each class', 'final': 'train', 'report': 'val'}
+    search = (f'train, {folds}-fold cross-validation by class' if folds > 1
+              else 'train, scored on a random 20% of each class')
+    return {'search': search, 'final': 'train', 'report': 'val'}
 
 
 def probe_features(splits: Dict[str, Split], num_classes: int, metric: str, settings: ProbeSettings,
@@ -282,7 +311,7 @@ def probe_features(splits: Dict[str, Split], num_classes: int, metric: str, sett
         if settings.shots:
             run.extra['train_rows'] = plan.train_rows.tolist()  # rows of features_train.pt this seed trained on
         runs.append(run)
-    used = splits_used(settings.protocol, 'test' in splits, plans[0].merge_validation)
+    used = splits_used(settings.protocol, 'test' in splits, plans[0].merge_validation, settings.search_folds)
     return LinearProbeReport(settings.protocol, runs[0].report_rule, metric, shots, runs, used)
 
 

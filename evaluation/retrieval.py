@@ -30,6 +30,7 @@ from data.sources.webdataset_shards import IMAGE_EXTENSIONS, expand_shards
 from .cache import FeatureCache
 from .data import ImageItem, image_name
 from .encoder import Encoder
+from .errors import EvaluationInputError
 
 RECALL_AT = (1, 5, 10)
 
@@ -59,7 +60,7 @@ def _table_pairs(path: str, kind: str) -> List[Tuple[ImageItem, str]]:
     pairs = CaptionTableSource(SourceSpec(type=kind, path=path, name='retrieval')).pairs()
     for row, (image, caption) in enumerate(pairs, 1):
         if not image or not caption.strip():
-            raise ValueError(f'{path}: data row {row} lacks an image path or a caption')
+            raise EvaluationInputError(f'{path}: data row {row} lacks an image path or a caption')
     return pairs
 
 
@@ -68,7 +69,7 @@ def _shard_pairs(pattern: str) -> List[Tuple[ImageItem, str]]:
 
     shards = expand_shards(pattern)
     if not shards:
-        raise ValueError(f'no shards match {pattern}')
+        raise EvaluationInputError(f'no shards match {pattern}')
     pairs = []
     for url in shards:
         for sample in tarfile_samples([{'url': url}]):  # a broken shard raises, naming it
@@ -76,7 +77,7 @@ def _shard_pairs(pattern: str) -> List[Tuple[ImageItem, str]]:
             image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
             text = sample.get('txt', b'').decode('utf-8', errors='replace')
             if image is None or not text.strip():
-                raise ValueError(f'{where}: a retrieval sample needs an image and a caption')
+                raise EvaluationInputError(f'{where}: a retrieval sample needs an image and a caption')
             pairs.append(((image, where), text))
     return pairs
 
@@ -94,7 +95,7 @@ def _coco_pairs(path: str, image_root: str, split: str) -> List[Tuple[ImageItem,
         file = os.path.join(image_root, image.get('filepath', ''), image['filename'])
         pairs += [(file, sentence['raw']) for sentence in image['sentences']]
     if not pairs:
-        raise ValueError(f'{path}: no images in split {split!r}')
+        raise EvaluationInputError(f'{path}: no images in split {split!r}')
     return pairs
 
 

@@ -24,6 +24,12 @@ def _last(scalars: Dict[str, Series], tag: str) -> Optional[float]:
     return scalars[tag][-1][1] if scalars.get(tag) else None
 
 
+def _probe_choice(probe: Dict) -> str:
+    """The searched values: the default protocol has no learning rate."""
+    learning_rate = f"lr {probe['lr']:g}, " if probe.get('lr') is not None else ''
+    return f"{learning_rate}weight decay {probe['weight_decay']:g}"
+
+
 def results_table(zeroshot: Dict, probe: Dict, scalars: Dict[str, Series]) -> List[str]:
     chance = 100 / zeroshot['num_classes']
     rows = [
@@ -33,8 +39,7 @@ def results_table(zeroshot: Dict, probe: Dict, scalars: Dict[str, Series]) -> Li
         ('zero-shot Acc@5', f"{zeroshot['top5']:.2f}", 'the right class among the 5 best prompts'),
         ('linear probe Acc@1', f"{probe['top1']:.2f}",
          f"8 shapes: a linear head on the frozen image features, fit on {probe['num_train']} images "
-         f"(lr {probe['lr']:g}, weight decay {probe['weight_decay']:g} searched on a held-out part), tested on "
-         f"{probe['num_test']}; chance 12.50"),
+         f"({_probe_choice(probe)} searched on a held-out part), tested on {probe['num_test']}; chance 12.50"),
     ]
     best = max((v for _, v in scalars.get('val/acc1', [])), default=None)
     if best is not None:

@@ -16,7 +16,7 @@ import evaluation.encoder
 from evaluation import Encoder, ProbeSettings, probe_features, run_linear_probe, run_zeroshot
 from evaluation.cache import feature_key
 from evaluation.elevater_probe import ElevaterSettings, first_part_of_each_class, train_heads
-from evaluation.linear_probe import balanced_split, few_shot_indices
+from evaluation.linear_probe import balanced_split, class_folds, few_shot_indices
 from evaluation.search import WeightDecaySearch, search_together
 from tests.conftest import ROOT, TINY_CONFIG, child_env, make_image_folder
 
@@ -155,6 +155,11 @@ def test_hold_out_splits_never_take_a_class_only_image():
     train, val = first_part_of_each_class(labels, 0.2)
     assert val.tolist() == [0, 1, 10]  # ceil(20 %) of each class, the first in order
     assert set(labels[train].tolist()) == {0, 1, 2}
+    folds = class_folds(labels, 5, seed=0)
+    held = torch.cat([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(15))  # every image held out once, except class 2's only one
+    for kept, _ in folds:
+        assert set(labels[kept].tolist()) == {0, 1, 2}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,7 +270,8 @@ def test_without_test_split_the_search_holds_out_part_of_train(splits, checkpoin
                             '--batch-size', '8', '--num-workers', '0', '--device', 'cpu', '--no-cache',
                             '--metric', 'mean_per_class'])
     assert (result['num_train'], result['num_test'], result['metric']) == (25, 13, 'mean_per_class')
-    assert (result['num_search_train'], result['num_search_val']) == (19, 6)
+    assert (result['num_search_train'], result['num_search_val']) == (19, 6)  # the first of 5 folds
+    assert result['runs'][0]['search_folds'] == 5 and result['splits']['search'].startswith('train, 5-fold')
 
 
 def test_one_image_per_class_is_refused_before_extraction(tmp_path, checkpoint, monkeypatch):

@@ -44,7 +44,7 @@ def test_demo_report(tmp_path, capsys):
     run, out = str(tmp_path / 'run'), str(tmp_path / 'out')
     fake_run(run)
     for name, content in (('zs', {'top1': 39.5, 'top5': 100.0, 'num_images': 400, 'num_classes': 16}),
-                          ('lp', {'top1': 71.25, 'num_train': 1280, 'num_test': 320, 'lr': 0.01,
+                          ('lp', {'top1': 71.25, 'num_train': 1280, 'num_test': 320, 'lr': None,
                                   'weight_decay': 1e-4})):
         os.makedirs(os.path.join(tmp_path, name))
         file = 'zeroshot_results.json' if name == 'zs' else 'linear_probe_results.json'
@@ -54,6 +54,7 @@ def test_demo_report(tmp_path, capsys):
     report = open(path).read()
     assert '| zero-shot Acc@1 | 39.50 |' in report and 'chance 6.25' in report
     assert '| linear probe Acc@1 | 71.25 |' in report and 'fit on 1280 images' in report
+    assert '(weight decay 0.0001 searched' in report  # the default protocol has no learning rate
     assert '| best zero-shot Acc@1 | 40.00 |' in report and '![training curves](curves.png)' in report
     with open(os.path.join(out, 'curves.png'), 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
