@@ -248,12 +248,13 @@ def test_linear_probe_suite(tmp_path, checkpoints):
     for split, per_class, seed in (('train', 3, 1), ('val', 2, 2), ('test', 2, 3)):
         make_image_folder(str(tmp_path / 'data' / 'colours' / split), per_class=per_class, seed=seed)
     suite = write(str(tmp_path / 'data' / 'suite.yaml'), 'datasets:\n  - {name: colours, path: colours}\n')
-    report = evaluate.main(['linear-probe', '--suite', suite, '--no-cache', '--epochs', '2',
-                            *_common(checkpoints[:1], str(tmp_path / 'out'))])
+    report = evaluate.main(['linear-probe', '--suite', suite, '--no-cache', '--protocol', 'elevater',
+                            '--epochs', '2', '--final-epochs', '2', *_common(checkpoints[:1], str(tmp_path / 'out'))])
     result = report['results']['colours'][checkpoints[0]]
     assert 0 <= result['value'] <= 100 and report['average'][checkpoints[0]] == result['value']
     assert (result['mode'], result['split'], result['transform']) == ('linear-probe', 'test', 'resize')
-    assert (result['num_train'], result['num_test']) == (19 + 13, 13) and {'lr', 'weight_decay'} <= set(result)
+    assert (result['protocol'], result['report_rule']) == ('elevater', 'best_epoch_on_test')
+    assert (result['num_train'], result['num_test']) == (19, 13) and {'lr', 'weight_decay'} <= set(result)
 
 
 def test_several_checkpoints_need_a_suite(tmp_path, checkpoints, capsys):
