@@ -4,7 +4,7 @@ of datasets. A thin command line over the `evaluation` package.
     python evaluate.py zeroshot --cfg configs/unicl_swin_tiny.yaml --resume in21k_yfcc14m.pth \
         --data-path /data/imagenet/val --output out/zs
     python evaluate.py linear-probe --cfg CFG --resume CKPT --train-path DIR --val-path DIR [--test-path DIR] \
-        --output OUT
+        --output OUT [--protocol elevater] [--shots 5 --seeds 0 1 2] [--save-features]
     python evaluate.py zeroshot --suite configs/eval/elevater.yaml --resume A.pth B.pth --cfg CFG --output OUT
     python evaluate.py retrieval --cfg CFG --resume CKPT --data-path captions.tsv --output OUT
 
