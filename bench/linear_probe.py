@@ -102,6 +102,11 @@ METHODS: Dict[str, Callable[..., float]] = {
     'elevater': ours(protocol='elevater')}
 
 
+def _cell(result: Dict[str, float], reference: Optional[float]) -> str:
+    difference = f" ({result['value'] - reference:+.2f})" if reference is not None else ''
+    return f"{result['value']:.2f}{difference} [{result['seconds']:.0f} s]"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
@@ -125,9 +130,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 cell[method] = {'value': value, 'seconds': time.perf_counter() - start}
             reference = cell['LogisticRegressionCV']['value'] if 'LogisticRegressionCV' in cell else None
             rows.append([name, seed, f'{len(y_train)} / {len(y_test)}'] + [
-                f"{cell[m]['value']:.2f}" + (f" ({cell[m]['value'] - reference:+.2f})" if reference is not None
-                                              and m != 'LogisticRegressionCV' else '') + f" [{cell[m]['seconds']:.0f} s]"
-                for m in args.methods])
+                _cell(cell[m], reference if m != 'LogisticRegressionCV' else None) for m in args.methods])
             print(markdown_table(['features', 'seed', 'train / test'] + args.methods, rows[-1:]).splitlines()[-1],
                   flush=True)
         for method in args.methods:

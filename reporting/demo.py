@@ -39,7 +39,7 @@ def results_table(zeroshot: Dict, probe: Dict, scalars: Dict[str, Series]) -> Li
         ('zero-shot Acc@5', f"{zeroshot['top5']:.2f}", 'the right class among the 5 best prompts'),
         ('linear probe Acc@1', f"{probe['top1']:.2f}",
          f"8 shapes: a linear head on the frozen image features, fit on {probe['num_train']} images "
-         f"({_probe_choice(probe)} searched on a held-out part), tested on {probe['num_test']}; chance 12.50"),
+         f"({_probe_choice(probe)} searched on held-out training images), tested on {probe['num_test']}; chance 12.50"),
     ]
     best = max((v for _, v in scalars.get('val/acc1', [])), default=None)
     if best is not None:
