@@ -117,7 +117,7 @@ def zeroshot_command(session: Session) -> Dict:
             transform = d.transform or args.transform
             d.check_class_folders(d.zeroshot_folder)
             result = run_zeroshot(encoder.with_transform(transform), d.zeroshot_folder, d.classnames_file,
-                                  d.templates or args.templates, d.metric)
+                                  d.templates or args.templates, d.metric, logit_scale=args.logit_scale)
             return {'value': result.value, 'mode': 'zeroshot', 'top1': result.top1, 'top5': result.top5,
                     'num_images': result.num_images, 'num_classes': result.num_classes,
                     'split': d.zeroshot_split, 'transform': transform}
@@ -127,10 +127,11 @@ def zeroshot_command(session: Session) -> Dict:
     check_zeroshot(args.data_path, args.classnames, args.templates, args.metric)
     check_checkpoints(args.cfg, args.opts, [checkpoint])
     result = run_zeroshot(session.load(checkpoint), args.data_path, args.classnames, args.templates, args.metric,
-                          keep_predictions=args.save_predictions)
+                          keep_predictions=args.save_predictions, logit_scale=args.logit_scale)
     summary = {'top1': result.top1, 'top5': result.top5, 'num_images': result.num_images,
                'num_classes': result.num_classes, 'metric': result.metric, 'value': result.value,
-               'checkpoint': checkpoint, 'config': args.cfg, 'templates': args.templates, 'transform': args.transform}
+               'checkpoint': checkpoint, 'config': args.cfg, 'templates': args.templates, 'transform': args.transform,
+               'logit_scale': args.logit_scale}
     logger.info(f' * Acc@1 {result.top1:.3f} Acc@5 {result.top5:.3f} {result.metric} {result.value:.3f} '
                 f'({result.num_images} images, {result.num_classes} classes)')
     _write_json(args.output, 'zeroshot_results.json', summary)
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     _classification(zeroshot)
     zeroshot.add_argument('--data-path', help='ImageFolder tree: one folder per class')
     zeroshot.add_argument('--save-predictions', action='store_true', help='write OUT/predictions.jsonl')
+    zeroshot.add_argument('--logit-scale', type=positive_float,
+                          help="multiplier of the cosine similarities (default: the model's exp(logit_scale)); "
+                          'ELEVATER scores every model at 100, which matters for map_11point only')
     zeroshot.set_defaults(run=zeroshot_command)
 
     probe = commands.add_parser('linear-probe', help='linear probe on frozen features (default or ELEVATER protocol)')

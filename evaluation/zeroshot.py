@@ -47,13 +47,16 @@ class ZeroShotResult:
 
 def run_zeroshot(encoder: Encoder, data_path: str, classnames_file: Optional[str] = None,
                  templates: Templates = 'imagenet', metric: str = 'accuracy',
-                 keep_predictions: bool = False) -> ZeroShotResult:
+                 keep_predictions: bool = False, logit_scale: Optional[float] = None) -> ZeroShotResult:
     """Zero-shot evaluation on the ImageFolder tree `data_path` (also main.py's validation). Under torchrun
-    each rank encodes a disjoint share of the prompts and images; every rank returns the same result."""
+    each rank encodes a disjoint share of the prompts and images; every rank returns the same result.
+    `logit_scale` replaces the model's (ELEVATER scores every model at 100): it changes no argmax, but the
+    softmax that `map_11point` ranks images by."""
     metric_fn = get_metric(metric)
     images = image_folder(data_path)
     classes = class_embeddings(encoder, dataset_classnames(images, classnames_file), templates)
-    logits = (encoder.logit_scale * encoder.images(images.paths, desc='zero-shot') @ classes.T).cpu()
+    scale = encoder.logit_scale if logit_scale is None else logit_scale
+    logits = (scale * encoder.images(images.paths, desc='zero-shot') @ classes.T).cpu()
     targets = torch.tensor(images.labels)
     result = ZeroShotResult(top1=accuracy(logits, targets), top5=accuracy_top5(logits, targets),
                             num_images=len(images), num_classes=len(images.classes), metric=metric,

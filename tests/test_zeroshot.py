@@ -65,6 +65,16 @@ def test_matches_official_style_computation(color_folder, checkpoint, tmp_path, 
             assert prediction['scores'] == pytest.approx(scores.tolist(), abs=1e-4)
 
 
+def test_elevater_logit_scale_multiplies_the_cosines_by_100(color_folder, checkpoint, tmp_path):
+    model_scale = torch.load(checkpoint, weights_only=True)['model']['logit_scale'].exp().item()
+    own = _run(color_folder, checkpoint, str(tmp_path / 'own'), '--templates', 'single')
+    fixed = _run(color_folder, checkpoint, str(tmp_path / 'fixed'), '--templates', 'single', '--logit-scale', '100')
+    assert (own['logit_scale'], fixed['logit_scale']) == (None, 100.0) and fixed['top1'] == own['top1']
+    for a, b in zip(_read_predictions(str(tmp_path / 'own')), _read_predictions(str(tmp_path / 'fixed'))):
+        assert a['top5'] == b['top5']
+        assert b['scores'] == pytest.approx([100 / model_scale * s for s in a['scores']], rel=1e-4, abs=1e-4)
+
+
 def test_torchrun_two_processes_count_each_image_once(color_folder, checkpoint, tmp_path):
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     _run(color_folder, checkpoint, single, '--templates', 'single')
