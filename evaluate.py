@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from data.transforms import DEFAULT_EVAL_TRANSFORM, EVAL_TRANSFORMS
-from evaluation import (FeatureCache, ProbeSettings, load_encoder, load_suite, run_linear_probe, run_retrieval,
+from evaluation import (FeatureCache, ProbeSettings, load_encoder, run_linear_probe, run_retrieval,
                         run_suite, run_zeroshot)
 from evaluation.checks import (check_checkpoints, check_linear_probe, check_retrieval, check_suite, check_zeroshot,
                                read_suite)
@@ -94,9 +94,8 @@ class Session:
         --fresh."""
         a = self.args
         # Every dataset and checkpoint before the first is loaded: a problem in the last must not cost the rest.
-        check_suite(read_suite(a.suite), a.command, a.templates, getattr(a, 'init_head', 'zero'), a.resume, a.cfg,
-                    a.opts)
-        datasets = load_suite(self.args.suite)
+        datasets = read_suite(a.suite)
+        check_suite(datasets, a.command, a.templates, getattr(a, 'init_head', 'zero'), a.resume, a.cfg, a.opts)
         report = run_suite(self.args.resume, datasets, self.load, evaluate, self.args.output,
                            suite_settings(self.args), self.args.fresh)
         if get_rank() == 0:
@@ -115,7 +114,6 @@ def zeroshot_command(session: Session) -> Dict:
     if args.suite:
         def suite_zeroshot(encoder, d) -> Dict:
             transform = d.transform or args.transform
-            d.check_class_folders(d.zeroshot_folder)
             result = run_zeroshot(encoder.with_transform(transform), d.zeroshot_folder, d.classnames_file,
                                   d.templates or args.templates, d.metric, logit_scale=args.logit_scale)
             return {'value': result.value, 'mode': 'zeroshot', 'top1': result.top1, 'top5': result.top5,
@@ -179,8 +177,6 @@ def linear_probe_command(session: Session) -> Dict:
     if args.suite:
         def suite_probe(encoder, d) -> Dict:
             transform = d.transform or args.transform
-            if args.init_head == 'text':  # only then do class names meet the folders
-                d.check_class_folders(d.split('train'))
             report = probe(encoder.with_transform(transform), d.split('train'), d.split('val'), d.test_folder,
                            d.metric, d.classnames_file, d.templates or args.templates)
             summary = report.summary()

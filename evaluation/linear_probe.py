@@ -12,7 +12,6 @@ per class with each seed; several seeds report their mean and standard deviation
 from __future__ import annotations
 
 import logging
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from utils.checkpoint import save_atomic
 from utils.distributed import get_rank
 
 from .cache import FeatureCache
+from .checks import check_same_classes
 from .data import LabeledImages, image_folder
 from .elevater_probe import REPORT_RULE as ELEVATER_REPORT_RULE
 from .elevater_probe import ElevaterSettings, elevater_probe
@@ -169,21 +169,19 @@ class RunPlan:
     """Rows of the training split's features one seed trains on."""
     seed: int
     train_rows: Tensor
+    shots: Optional[int] = None  # images drawn per class (None: all)
     merge_validation: bool = True  # ELEVATER's 1-shot runs train the final head on the train part only
 
 
-def plan_runs(train_labels: Tensor, settings: ProbeSettings) -> Tuple[List[RunPlan], Optional[int]]:
-    """One plan per seed, and the shots actually drawn. ELEVATER turns 1-shot into 2-shot without merging
-    the validation image back (a 1-shot class has nothing to validate on)."""
+def plan_runs(train_labels: Tensor, settings: ProbeSettings) -> List[RunPlan]:
+    """One plan per seed. ELEVATER turns 1-shot into 2-shot without merging the validation image back (a
+    1-shot class has nothing to validate on)."""
     shots, merge = settings.shots, True
     if settings.protocol == 'elevater' and shots == 1:
         shots, merge = 2, False
         logger.info('ELEVATER protocol: 1-shot runs draw 2 images per class and train the final head on one')
-    plans = []
-    for seed in settings.seeds:
-        rows = few_shot_indices(train_labels, shots, seed) if shots else torch.arange(len(train_labels))
-        plans.append(RunPlan(seed, rows, merge))
-    return plans, shots
+    return [RunPlan(seed, few_shot_indices(train_labels, shots, seed) if shots else torch.arange(len(train_labels)),
+                    shots, merge) for seed in settings.seeds]
 
 
 def _check_can_hold_out(labels: Tensor, where: str) -> None:
@@ -298,11 +296,8 @@ def probe_features(splits: Dict[str, Split], num_classes: int, metric: str, sett
     if settings.protocol not in PROTOCOLS:
         raise EvaluationInputError(f'unknown protocol {settings.protocol!r}; known: {", ".join(PROTOCOLS)}')
     train_x, train_y = splits['train']
-    shots = settings.shots
     if plans is None:
-        plans, shots = plan_runs(train_y.cpu(), settings)
-    elif settings.protocol == 'elevater' and shots == 1:
-        shots = 2
+        plans = plan_runs(train_y.cpu(), settings)
     runs = []
     for plan in plans:
         rows = plan.train_rows.to(train_x.device)
@@ -312,7 +307,7 @@ def probe_features(splits: Dict[str, Split], num_classes: int, metric: str, sett
             run.extra['train_rows'] = plan.train_rows.tolist()  # rows of features_train.pt this seed trained on
         runs.append(run)
     used = splits_used(settings.protocol, 'test' in splits, plans[0].merge_validation, settings.search_folds)
-    return LinearProbeReport(settings.protocol, runs[0].report_rule, metric, shots, runs, used)
+    return LinearProbeReport(settings.protocol, runs[0].report_rule, metric, plans[0].shots, runs, used)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,12 +342,9 @@ def run_linear_probe(encoder: Encoder, train_path: str, val_path: str, test_path
     cache = cache or FeatureCache(None)
     folders = {name: image_folder(path) for name, path in
                (('train', train_path), ('val', val_path), ('test', test_path)) if path}
-    for name, folder in folders.items():
-        if folder.classes != folders['train'].classes:
-            raise EvaluationInputError(f'the {name} split {folder.root} has other class folders than train '
-                                       f'{folders["train"].root}')
+    check_same_classes(folders)
     train_labels = torch.tensor(folders['train'].labels)
-    plans, _ = plan_runs(train_labels, settings)
+    plans = plan_runs(train_labels, settings)
     if holds_out_from_train(settings.protocol, 'test' in folders):
         for plan in plans:
             _check_can_hold_out(train_labels[plan.train_rows], folders['train'].root)
