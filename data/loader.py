@@ -26,9 +26,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from model.tokenizer import tokenize
+from utils.dataloader import StopSafeDataLoader
 
 from .decode import decode_image
 from .labels import LabelSpace
@@ -220,8 +221,9 @@ class TrainLoader:
         if self._step >= len(self):
             self.set_epoch(self._epoch + 1)
         stream = BatchStream(self.setup, self._epoch, self._step, copy.deepcopy(self._positions))
-        loader = DataLoader(stream, batch_size=None, num_workers=self.setup.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.setup.seed))
+        loader = StopSafeDataLoader(stream, batch_size=None, num_workers=self.setup.num_workers,
+                                    collate_fn=_as_is, pin_memory=self.pin_memory,
+                                    generator=torch.Generator().manual_seed(self.setup.seed))
         for images, tokens, labels, info in loader:
             if info['step'] != self._step:
                 raise RuntimeError(f'loader delivered step {info["step"]}, expected {self._step}')

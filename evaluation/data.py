@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from utils.dataloader import StopSafeDataLoader
 from utils.distributed import get_rank, get_world_size
 
 from .errors import EvaluationInputError
@@ -104,5 +105,6 @@ class ShardedSampler(Sampler):
 
 def sharded_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
     """This rank's part of `dataset`, in order."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == 'cuda',
-                      sampler=ShardedSampler(len(dataset), get_rank(), get_world_size()))
+    return StopSafeDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                              pin_memory=device.type == 'cuda',
+                              sampler=ShardedSampler(len(dataset), get_rank(), get_world_size()))
