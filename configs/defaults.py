@@ -125,6 +125,10 @@ _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.SAVE_STEPS = 0
 # added: how many of the newest checkpoints to keep in OUTPUT (0 keeps all).
 _C.TRAIN.KEEP_CHECKPOINTS = 3
+# added: resuming with another global batch (processes x BATCH_SIZE x ACCUMULATION_STEPS) continues by
+# samples seen; when those are not a whole number of new steps the run refuses, unless this rounds the
+# position down (the part step's samples are trained again). See training/resume.py.
+_C.TRAIN.RESUME_ROUND_DOWN = False
 # added: on a non-finite loss, 'stop' the run (the last checkpoint stays good) or 'skip' the step.
 _C.TRAIN.NAN_POLICY = 'stop'
 # added: UniCLLoss computes the logits in T x T tiles and never holds the B x N matrix; this is T. Any value

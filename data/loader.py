@@ -175,7 +175,7 @@ class TrainLoader:
     - `len(loader)`: batches per epoch.
     - `set_epoch(e)`: select epoch e; the position goes back to step 0 unless e is the current epoch (so
       `load_state_dict` then `set_epoch` of the same epoch resumes mid-epoch). Iterating a finished
-      epoch without `set_epoch` moves on to the next one.
+      epoch without `set_epoch` moves on to the next one. `seek(e, step)` goes to a given batch.
     - `state_dict()` / `load_state_dict()`: the data position (epoch, next step, stream positions,
       bad-sample totals) as plain lists, dicts and numbers. The state reflects the batches handed out,
       not the ones prefetched. With stream sources under torch.distributed, `state_dict()` gathers the
@@ -205,6 +205,15 @@ class TrainLoader:
     @property
     def start_step(self) -> int:
         return self._step
+
+    def seek(self, epoch: int, step: int) -> None:
+        """Continue at batch `step` of `epoch` (a resume that converted its position to a new batch layout).
+        Stream positions stay as loaded: they say where each slot goes on reading, not which step it is at."""
+        if not 0 <= step <= len(self):
+            raise ValueError(f'step {step} is outside an epoch of {len(self)} batches')
+        if epoch != self._epoch:
+            self._skipped_epoch.clear()
+        self._epoch, self._step = epoch, step
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Dict
 
 import torch
 
@@ -15,6 +16,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class Meter:
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.total, self.count = 0.0, 0
 
     def update(self, value: float, n: int = 1) -> None:
@@ -24,6 +28,12 @@ class Meter:
     @property
     def avg(self) -> float:
         return self.total / max(self.count, 1)
+
+    def state_dict(self) -> Dict[str, float]:
+        return {'total': self.total, 'count': self.count}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        self.total, self.count = float(state['total']), int(state['count'])
 
 
 def open_tensorboard(config, rank: int):

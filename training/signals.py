@@ -5,7 +5,7 @@ import signal
 
 import torch
 
-from utils.distributed import all_reduce_sum, get_world_size
+from utils.distributed import all_reduce_max, get_world_size
 
 
 class StopRequest:
@@ -30,8 +30,9 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (ranks must stop at the same step to save together)."""
+        """The signal any rank received, the same number on every rank (ranks must stop at the same step to
+        save together, and exit with one code). Two different signals: the larger number."""
         if get_world_size() == 1:
             return self.signum
-        return int(all_reduce_sum(torch.tensor([self.signum], device=device, dtype=torch.float64)).item())
+        return int(all_reduce_max(torch.tensor([self.signum], device=device, dtype=torch.int64)).item())
 

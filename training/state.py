@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from utils.distributed import get_world_size
+from utils.distributed import all_gather_object
 
 
 @dataclass
@@ -19,6 +19,13 @@ class Progress:
     max_accuracy: Optional[float] = None  # best zero-shot Acc@1; None until a validation ran
     skipped_steps: int = 0  # steps dropped for a non-finite loss (TRAIN.NAN_POLICY skip)
     overflow_steps: int = 0  # fp16 steps the GradScaler skipped for overflowing gradients
+    validated_epochs: int = 0  # epochs whose validation ran (< epoch: the last one's is still due)
+
+    @classmethod
+    def from_state(cls, saved: Dict[str, Any]) -> 'Progress':
+        known = {f.name for f in fields(cls)}
+        # Checkpoints written before `validated_epochs` existed validated every epoch they finished.
+        return cls(**{'validated_epochs': saved['epoch'], **{k: v for k, v in saved.items() if k in known}})
 
 
 def rng_state() -> Dict[str, Any]:
@@ -41,12 +48,19 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def all_rng_states() -> list:
-    """Every rank's RNG state, in rank order (each rank draws its own augmentations)."""
-    if get_world_size() == 1:
-        return [rng_state()]
-    states = [None] * get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
+    """Every rank's RNG state, in rank order (each rank draws its own drop-path masks)."""
+    return all_gather_object(rng_state())
+
+
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Whatever runs inside (validation: its DataLoader draws a seed) leaves the training's RNG streams as
+    they were, so a run that validates at other moments (after a resume) draws the same numbers."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def seed_everything(seed: int) -> None:

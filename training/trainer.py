@@ -13,25 +13,28 @@ import os
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data import build_train_loader
+from data.order import derive_seed
 from evaluation import Encoder, run_zeroshot
 from loss import UniCLLoss
 from model import UniCLModel, build_tokenizer, build_unicl_model
 from model.checkpoint import load_loaded, load_pretrained
 from utils.checkpoint import CheckpointManager, resolve_source, safe_load
+from utils.distributed import barrier
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
 from utils.precision import autocast, autocast_dtype
 
 from .accumulation import StepParts, get_accumulation_mode, to_device
 from .metrics import Meter, open_tensorboard, peak_memory_mb
+from .resume import BatchLayout, convert_step, load_agreed, saved_layout
 from .signals import StopRequest
-from .state import Progress, all_rng_states, set_rng_state
+from .state import Progress, all_rng_states, rng_untouched, seed_everything, set_rng_state
 
 logger = logging.getLogger('unicl.train')
 
@@ -68,6 +71,9 @@ class Trainer:
         self.accumulate = mode if self.accumulation > 1 else get_accumulation_mode('gradients')
         self.checkpoints = CheckpointManager(config.OUTPUT, keep=config.TRAIN.KEEP_CHECKPOINTS)
         self.progress = Progress()
+        # The epoch's running means, saved with the run: an epoch's logged loss covers all of its steps even
+        # when a stop split it.
+        self.meters = {'loss': Meter(), 'grad_norm': Meter()}
         self.loader = None
         self.optimizer = self.scheduler = None
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
@@ -90,8 +96,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.config, self.optimizer, steps_per_epoch, lrs)
 
     @property
+    def layout(self) -> BatchLayout:
+        return BatchLayout(self.world_size, self.config.DATA.BATCH_SIZE, self.accumulation, self.steps_per_epoch)
+
+    @property
     def global_batch(self) -> int:
-        return self.config.DATA.BATCH_SIZE * self.world_size * self.accumulation
+        return self.layout.global_batch
 
     @property
     def contrastive_batch(self) -> int:
@@ -101,15 +111,18 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
+        # No scheduler state: the LR is a function of the config and the step (`step_update`), and the saved
+        # one would carry the old run's warmup, total steps and scaled LR into a resume on a new layout.
         return {
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
-            'lr_scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict() if self.scaler else None,
             'progress': asdict(self.progress),
+            'meters': {name: meter.state_dict() for name, meter in self.meters.items()},
             'data': self.loader.state_dict(),  # the position in the epoch and in the shard streams
             'rng': all_rng_states(),
             'world_size': self.world_size,
+            'layout': self.layout.as_dict(),
             'config': self.config.dump(),
         }
 
@@ -118,6 +131,7 @@ class Trainer:
         if self.rank == 0:
             path = self.checkpoints.save(state, self.progress.step)
             logger.info(f'saved {path} (epoch {self.progress.epoch}, step {self.progress.step})')
+        barrier()  # no rank exits (after a stop) while rank 0 still writes
 
     def resume(self) -> None:
         """Continue from the run's newest checkpoint (MODEL.RESUME 'latest', or TRAIN.AUTO_RESUME), else from
@@ -125,7 +139,39 @@ class Trainer:
 
         With AUTO_RESUME the run's own checkpoints win over a MODEL.RESUME file of any kind, as in the official
         code, so the same command started again (torchrun --max-restarts, a requeue) continues where it
-        stopped instead of going back to that file."""
+        stopped instead of going back to that file. Rank 0 chooses; every rank loads its choice."""
+        path, state = load_agreed(self._choose_checkpoint, lambda chosen: safe_load(resolve_source(chosen)))
+        if path is None:
+            return
+        if 'optimizer' not in state:  # a release file: weights only
+            load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
+            logger.info(f'initialized the weights from {path} (MODEL.RESUME); training starts at step 1')
+            return
+        self.model.load_state_dict(state['model'])
+        self._load_optimizer(state['optimizer'])
+        if self.scaler and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        self.progress = Progress.from_state(state['progress'])
+        for name, meter_state in state.get('meters', {}).items():
+            self.meters[name].load_state_dict(meter_state)
+        saved = saved_layout(state)
+        if saved != self.layout:
+            self.progress.step, change = convert_step(self.progress.epoch, self.progress.step, saved, self.layout,
+                                                      self.config.TRAIN.RESUME_ROUND_DOWN)
+            logger.warning(change)
+        if state.get('data') is not None:
+            self.loader.load_state_dict(state['data'])
+        self.loader.seek(self.progress.epoch, self.step_in_epoch * self.accumulation)
+        if saved.world_size == self.world_size:
+            set_rng_state(state['rng'][self.rank])
+        else:
+            seed_everything(derive_seed(self.config.SEED, self.rank, self.progress.step))
+            logger.warning(f'checkpoint from {saved.world_size} processes, now {self.world_size}: the RNG streams '
+                           f'(drop-path) are seeded anew from SEED, rank and step')
+        logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
+                    f'next step {self.progress.step + 1}')
+
+    def _choose_checkpoint(self) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         source = self.config.MODEL.RESUME
         own_first = source == 'latest' or self.config.TRAIN.AUTO_RESUME
         path, state = self.checkpoints.load_latest() if own_first else (None, None)
@@ -134,29 +180,21 @@ class Trainer:
                         f'instead of MODEL.RESUME {source} (TRAIN.AUTO_RESUME)')
         elif path is None and source not in ('', 'latest'):
             path, state = source, safe_load(resolve_source(source))
-        if path is None:
-            if own_first:
-                logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
-            return
-        if 'optimizer' not in state:  # a release file: weights only
-            load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
-            logger.info(f'initialized the weights from {path} (MODEL.RESUME); training starts at step 1')
-            return
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['lr_scheduler'])
-        if self.scaler and state.get('scaler'):
-            self.scaler.load_state_dict(state['scaler'])
-        self.progress = Progress(**state['progress'])
-        if state.get('data') is not None:
-            self.loader.load_state_dict(state['data'])
-        if state.get('world_size') == self.world_size:
-            set_rng_state(state['rng'][self.rank])
-        else:
-            logger.warning(f'checkpoint from {state.get("world_size")} processes, now {self.world_size}: '
-                           f'RNG streams restart and the data order of this epoch changes')
-        logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
-                    f'next step {self.progress.step + 1}')
+        elif path is None and own_first:
+            logger.info(f'no checkpoint in {self.config.OUTPUT}: starting from scratch')
+        return path, state
+
+    def _load_optimizer(self, saved: Dict[str, Any]) -> None:
+        """The saved moments; the hyperparameters (LR, weight decay, betas) stay the config's, scaled for this
+        run's global batch."""
+        configured = [{k: v for k, v in group.items() if k != 'params'} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, hyperparameters in zip(self.optimizer.param_groups, configured):
+            group.update(hyperparameters)
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.progress.step - self.progress.epoch * self.steps_per_epoch
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -204,15 +242,19 @@ class Trainer:
         raise FloatingPointError(f'non-finite at {where}; stopping. The last good checkpoint is '
                                  f'{last[-1] if last else "none (no checkpoint was saved yet)"}')
 
-    def train_one_epoch(self, stop: StopRequest, writer) -> bool:
-        """Returns False when a signal asked the run to stop within the epoch (after saving). A signal that
-        arrives during the epoch's last step is left to `fit`, which ends the epoch first."""
+    def train_one_epoch(self, stop: StopRequest, writer) -> int:
+        """Returns the agreed stop signal when one asked the run to stop within the epoch (after saving),
+        else 0. A signal that arrives during the epoch's last step is left to `fit`, which ends the epoch
+        first."""
         config, progress = self.config, self.progress
         self.loader.set_epoch(progress.epoch)
         self.model.train()
         total_steps = config.TRAIN.EPOCHS * self.steps_per_epoch
-        step_in_epoch = progress.step - progress.epoch * self.steps_per_epoch
-        loss_meter, norm_meter = Meter(), Meter()
+        step_in_epoch = self.step_in_epoch
+        if step_in_epoch == 0:
+            for meter in self.meters.values():
+                meter.reset()
+        loss_meter, norm_meter = self.meters['loss'], self.meters['grad_norm']
         window_start, window_steps, run_start, run_steps = time.time(), 0, time.time(), 0
         batches = []
         for batch in self.loader:
@@ -262,7 +304,7 @@ class Trainer:
             if signum:
                 logger.warning(f'signal {signum}: saving at step {progress.step} and exiting')
                 self.save()
-                return False
+                return signum
             if config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0:
                 self.save()
         skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
@@ -271,7 +313,7 @@ class Trainer:
                     + (f', bad samples skipped {skipped}' if skipped else ''))
         if writer:
             writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
-        return True
+        return 0
 
     def validation_folder(self, required: bool = False) -> Optional[str]:
         """DATA.VAL_PATH (relative to DATA_PATH, as DATA.SOURCES paths are), or DATA_PATH/val when it is
@@ -286,13 +328,16 @@ class Trainer:
         return None
 
     def validate(self, writer) -> Optional[float]:
+        """Zero-shot accuracy on the validation folder, logged for the epoch just finished
+        (`progress.epoch - 1` during training). The training's RNG streams are left as they were."""
         val_path = self.validation_folder()
         if val_path is None:
             logger.info('no DATA.VAL_PATH and no DATA_PATH/val folder: skipping zero-shot validation')
             return None
         # The same autocast as training; evaluate.py defaults to it too (the config's AMP_OPT_LEVEL).
         encoder = Encoder(self.model, self.tokenizer, self.config, self.device, self.amp_dtype)
-        result = run_zeroshot(encoder, val_path)
+        with rng_untouched():
+            result = run_zeroshot(encoder, val_path)
         self.progress.max_accuracy = max(self.progress.max_accuracy or 0.0, result.top1)
         logger.info(f'zero-shot on {result.num_images} images of {val_path}: Acc@1 {result.top1:.2f} '
                     f'Acc@5 {result.top5:.2f}  (best Acc@1 {self.progress.max_accuracy:.2f})')
@@ -302,7 +347,8 @@ class Trainer:
         return result.top1
 
     def fit(self) -> int:
-        """Train to TRAIN.EPOCHS; returns the process exit code (non-zero after a stop signal)."""
+        """Train to TRAIN.EPOCHS and validate every epoch; returns the process exit code: 0 when the run is
+        complete, 128 + the signal after a stop (saved, the same code on every rank)."""
         config, progress = self.config, self.progress
         writer = open_tensorboard(config, self.rank)
         logger.info(f'training {config.TRAIN.EPOCHS} epochs x {self.steps_per_epoch} steps, global batch '
@@ -311,29 +357,49 @@ class Trainer:
         start = time.time()
         with StopRequest() as stop:
             try:
-                while progress.epoch < config.TRAIN.EPOCHS:
-                    if not self.train_one_epoch(stop, writer):
-                        return 128 + stop.signum
-                    epoch = progress.epoch
-                    progress.epoch += 1
-                    signum = stop.agreed(self.device)
-                    steps_due = config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0
-                    if epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS or steps_due or signum:
-                        self.save()
-                    if signum and progress.epoch < config.TRAIN.EPOCHS:
-                        logger.warning(f'signal {signum}: saved at the end of epoch {epoch} (step {progress.step}), '
-                                       f'exiting before its validation')
-                        return 128 + signum
-                    self.validate(writer)
+                signum = self._validate_due(stop, writer)  # an epoch a stop or a kill left unvalidated
+                while not signum and progress.epoch < config.TRAIN.EPOCHS:
+                    signum = self.train_one_epoch(stop, writer) or self._end_epoch(stop, writer)
             finally:
                 if writer:
                     writer.close()
+        if signum:
+            return 128 + signum
         best = 'n/a' if progress.max_accuracy is None else f'{progress.max_accuracy:.2f}'
         logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start))}, '
                     f'best zero-shot Acc@1 {best}')
         return 0
 
-    @torch.no_grad()
+    def _end_epoch(self, stop: StopRequest, writer) -> int:
+        """Close the epoch: count it, save when due (always on a stop), then validate it unless a stop asks
+        to exit first (the restarted run validates it before training on). Returns the agreed stop signal."""
+        config, progress = self.config, self.progress
+        epoch = progress.epoch
+        progress.epoch += 1
+        signum = stop.agreed(self.device)
+        steps_due = config.TRAIN.SAVE_STEPS and progress.step % config.TRAIN.SAVE_STEPS == 0
+        if signum or epoch % config.SAVE_FREQ == 0 or progress.epoch == config.TRAIN.EPOCHS or steps_due:
+            self.save()
+        if signum:
+            logger.warning(f'signal {signum}: saved at the end of epoch {epoch} (step {progress.step}), exiting; '
+                           f'its validation runs when the run continues')
+            return signum
+        return self._validate_due(stop, writer)
+
+    def _validate_due(self, stop: StopRequest, writer) -> int:
+        """Validate the last finished epoch if that has not happened yet. A stop that arrived meanwhile saves
+        (with the result) and is returned."""
+        progress = self.progress
+        if progress.validated_epochs >= progress.epoch:
+            return 0
+        self.validate(writer)
+        progress.validated_epochs = progress.epoch
+        signum = stop.agreed(self.device)
+        if signum:
+            logger.warning(f'signal {signum} during the validation of epoch {progress.epoch - 1}: saving and exiting')
+            self.save()
+        return signum
+
     @torch.no_grad()
     def throughput(self) -> None:
         """Images/s of the image encoder and of a full forward on one training batch (as the official)."""

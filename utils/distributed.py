@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -176,3 +176,35 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 def reduce_mean(t: Tensor) -> Tensor:
     """Mean of ``t`` over ranks, as a new detached tensor (for metrics logged on rank 0)."""
     return all_reduce_sum(t) / get_world_size()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (any picklable object); ``obj`` itself when not distributed."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order; ``[obj]`` when not distributed."""
+    if not is_dist():
+        return [obj]
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Maximum of ``t`` over ranks, as a new detached tensor."""
+    t = t.detach().clone()
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when not distributed)."""
+    if is_dist():
+        dist.barrier()
