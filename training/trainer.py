@@ -165,7 +165,7 @@ class Trainer:
         if saved.world_size == self.world_size:
             set_rng_state(state['rng'][self.rank])
         else:
-            seed_everything(derive_seed(self.config.SEED, self.rank, self.progress.step))
+            seed_everything(derive_seed(self.config.SEED, self.rank, self.progress.step) % 2 ** 32)
             logger.warning(f'checkpoint from {saved.world_size} processes, now {self.world_size}: the RNG streams '
                            f'(drop-path) are seeded anew from SEED, rank and step')
         logger.info(f'resuming from {path}: epoch {self.progress.epoch}, step {self.progress.step}, '
