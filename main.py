@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from configs import load_config, merge_dict
+from configs import load_config, merge_dict, validate_config
 from model.checkpoint import load_pretrained
 from training import Trainer, seed_everything
 from utils.distributed import init_distributed
@@ -70,6 +70,7 @@ def build_run_config(args: argparse.Namespace):
         merge_dict(config, update, f"--{name.replace('_', '-')}")
     config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', args.local_rank or 0))
     config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME or 'unicl', config.TAG)
+    validate_config(config)  # again: the flags may have changed what load_config checked
     config.freeze()
     return config
 

@@ -3,6 +3,7 @@
 yacs alone rejects `MLP_RATIO: 4` against a float default and reports a bad key without the file it came
 from; here every value is checked against the default's type (ints widen to floats, lists/tuples
 interchange) and an unknown key or a wrongly typed value raises `ConfigError` naming the key and source.
+The merged result is then checked against the ranges and choices of configs/validation.py.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from .defaults import get_defaults
+from .validation import validate_config
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
-__all__ = ['CN', 'CONFIG_DIR', 'ConfigError', 'load_config', 'merge_file', 'merge_opts', 'merge_dict']
+__all__ = ['CN', 'CONFIG_DIR', 'ConfigError', 'load_config', 'merge_file', 'merge_opts', 'merge_dict',
+           'validate_config']
 
 
 class ConfigError(ValueError):
@@ -111,12 +114,14 @@ def merge_opts(config: CN, opts: Sequence[str]) -> None:
 
 def load_config(cfg_file: Optional[str] = None, opts: Optional[Iterable[str]] = None,
                 freeze: bool = True) -> CN:
-    """Defaults, then `cfg_file` (with its bases), then `opts` overrides."""
+    """Defaults, then `cfg_file` (with its bases), then `opts` overrides, validated as a whole (a file may
+    set a value that only makes sense with a later override, such as a shorter DEPTHS with NUM_HEADS)."""
     config = get_defaults()
     if cfg_file:
         merge_file(config, cfg_file)
     if opts:
         merge_opts(config, list(opts))
+    validate_config(config)
     if freeze:
         config.freeze()
     return config
