@@ -204,20 +204,21 @@ def _record_zeroshot(trainer, record):
 
 
 def test_an_epoch_stopped_at_its_end_is_validated_on_restart(tiny_data, tmp_path, caplog):
-    """A SIGTERM during epoch 0's last step saves (though SAVE_FREQ would not) and exits before validating;
-    the restarted run validates epoch 0 before training on: the validation curve and the weights are the
+    """A SIGTERM during epoch 1's last step saves (though SAVE_FREQ would not) and exits before validating;
+    the restarted run validates epoch 1 before training on: the validation curve and the weights are the
     uninterrupted run's."""
-    opts = ('TRAIN.EPOCHS', '2', 'SAVE_FREQ', '100', 'DATA.VAL_PATH', 'zeroshot',
+    opts = ('TRAIN.EPOCHS', '3', 'SAVE_FREQ', '100', 'DATA.VAL_PATH', 'zeroshot',
             'MODEL.IMAGE_ENCODER.DROP_PATH_RATE', '0.1')
     straight = _trainer(tiny_data, str(tmp_path / 'straight'), *opts)
     straight_curve = []
     _record_zeroshot(straight, straight_curve)
     straight.build_training()
-    assert straight.fit() == 0 and len(straight_curve) == 2
+    assert straight.fit() == 0 and len(straight_curve) == 3
     out, curve = str(tmp_path / 'stopped'), []
-    code, _ = _fit(tiny_data, out, *opts, sigterm_at={8})
+    code, _ = _fit(tiny_data, out, *opts, sigterm_at={16})
     assert code == 128 + signal.SIGTERM
-    assert [os.path.basename(p) for p in CheckpointManager(_run_dir(out)).checkpoints()] == ['checkpoint_000000008.pth']
+    assert [os.path.basename(p) for p in CheckpointManager(_run_dir(out)).checkpoints()] == [
+        'checkpoint_000000008.pth', 'checkpoint_000000016.pth']  # epoch 0 (SAVE_FREQ), then the stop's
     restarted = _trainer(tiny_data, out, *opts)
     _record_zeroshot(restarted, curve)
     restarted.build_training()
@@ -227,8 +228,8 @@ def test_an_epoch_stopped_at_its_end_is_validated_on_restart(tiny_data, tmp_path
     assert restarted.fit() == 0
     messages = [r.message for r in caplog.records]
     first_train = next(i for i, m in enumerate(messages) if m.startswith('Train: '))
-    assert any(m.startswith('zero-shot on') for m in messages[:first_train])  # epoch 0 first
-    assert curve == straight_curve
+    assert any(m.startswith('zero-shot on') for m in messages[:first_train])  # epoch 1 first
+    assert curve == straight_curve[1:]  # epochs 1 and 2, validated at the same steps with the same results
     assert restarted.progress.max_accuracy == straight.progress.max_accuracy
     for key, value in straight.model.state_dict().items():
         assert torch.allclose(restarted.model.state_dict()[key], value, atol=1e-6), key
