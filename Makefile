@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-oldest demo ablation clean-venv
+.PHONY: test test-oldest test-slurm demo ablation clean-venv
 DEMO_OUT := output/demo
 DEMO_RUN := $(DEMO_OUT)/unicl_tiny/builtin_unicl
 
@@ -17,6 +17,13 @@ $(VENV)/.installed: requirements.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# cluster/unicl.sbatch on a real one-node SLURM from Debian's packages (needs root; installs munge and SLURM
+# with apt-get when missing): stopped by the time limit, scontrol requeue, a preemption and scancel, each
+# resumed with no step redone, the final weights equal to an uninterrupted run's. About 7-10 minutes on 2 CPU
+# cores; not part of `make test`.
+test-slurm: $(VENV)/.installed
+	bash tests/cluster/run_slurm_test.sh
 
 # Generates the built-in dataset, trains the tiny UniCL on labels + captions (about 3 minutes on 2 CPU
 # cores), evaluates it zero-shot on the held-out "colour shape" classes and with a linear probe on the
