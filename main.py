@@ -20,6 +20,7 @@ from model.checkpoint import load_pretrained
 from training import Trainer, seed_everything
 from utils.distributed import init_distributed
 from utils.logger import setup_logger
+from utils.stop_signals import ignore_stop_signals
 
 logger = logging.getLogger('unicl.train')
 
@@ -101,7 +102,11 @@ def main(argv=None) -> int:
             trainer.throughput()
             return 0
         trainer.resume()
-        return trainer.fit()
+        code = trainer.fit()
+        # Past the loop a stop has nothing left to save: a SIGTERM now (torchrun sends one to the ranks still
+        # tearing down once another has exited) must not turn this rank's exit code into a death by signal.
+        ignore_stop_signals()
+        return code
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

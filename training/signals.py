@@ -6,13 +6,14 @@ import signal
 import torch
 
 from utils.distributed import all_reduce_max, get_world_size
+from utils.stop_signals import STOP_SIGNALS
 
 
 class StopRequest:
     """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop saves a checkpoint and exits. A context
     manager: the previous handlers come back afterwards."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum = 0

@@ -7,31 +7,11 @@ handles them (finish the step, save, exit), shuts its workers down as it exits.
 """
 from __future__ import annotations
 
-import signal
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from torch.utils.data import DataLoader
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Hold stop signals while workers start: a worker inherits the mask, so a signal sent to the whole
-    group in that instant waits in the worker until `ignore_stop_signals` discards it, and in the main
-    process until the mask is lifted (then its handler runs as usual)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def ignore_stop_signals() -> None:
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)  # also discards one already pending
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+from .stop_signals import ignore_stop_signals, stop_signals_blocked
 
 
 class _IgnoringStopSignals:
