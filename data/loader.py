@@ -25,11 +25,11 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from model.tokenizer import tokenize
 from utils.dataloader import StopSafeDataLoader
+from utils.distributed import all_gather_object, get_world_size
 
 from .decode import decode_image
 from .labels import LabelSpace
@@ -264,10 +264,8 @@ class TrainLoader:
     def state_dict(self) -> Dict[str, Any]:
         positions = copy.deepcopy(self._positions)
         by_rank = {str(self.setup.rank): positions}
-        if positions and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: List[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.setup.rank, positions))
-            by_rank = {str(rank): p for rank, p in gathered}
+        if positions and get_world_size() > 1:
+            by_rank = {str(rank): p for rank, p in all_gather_object((self.setup.rank, positions))}
         return {'epoch': self._epoch, 'step': self._step, 'stream_positions': by_rank,
                 'skipped_total': self.skipped(total=True), 'skipped_epoch': self.skipped(), 'layout': self._layout()}
 
