@@ -39,6 +39,10 @@ _C.DATA.MERGE_CAPTIONS = False
 _C.DATA.SHUFFLE_BUFFER = 1000
 # added: bad samples (unreadable, corrupt, empty caption, ...) each process logs with their path; all are counted.
 _C.DATA.LOG_BAD_SAMPLES = 10
+# added: training JPEGs decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the RandomResizedCrop box
+# >= IMG_SIZE, the box drawn from the header size (data/crop_decode.py); same draws, pixels within a bounded
+# error of a full decode (exact when no reduction applies). False: full decode, then timm's transform.
+_C.DATA.REDUCED_DECODE = True
 
 # -----------------------------------------------------------------------------
 # Model

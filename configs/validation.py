@@ -89,6 +89,7 @@ RULES: Dict[str, Rule] = {
     'DATA.EPOCH_SAMPLES': non_negative_int,  # 0: the sources' sizes summed
     'DATA.SHUFFLE_BUFFER': non_negative_int,  # 0 and 1 both mean no shuffling
     'DATA.LOG_BAD_SAMPLES': non_negative_int,
+    'DATA.REDUCED_DECODE': Rule('True or False', lambda v: isinstance(v, bool)),  # data/crop_decode.py
 
     'MODEL.NUM_CLASSES': non_negative_int,
     'MODEL.LABEL_SMOOTHING': probability,
