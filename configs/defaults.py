@@ -43,6 +43,14 @@ _C.DATA.LOG_BAD_SAMPLES = 10
 # >= IMG_SIZE, the box drawn from the header size (data/crop_decode.py); same draws, pixels within a bounded
 # error of a full decode (exact when no reduction applies). False: full decode, then timm's transform.
 _C.DATA.REDUCED_DECODE = True
+# added: prefix conditioning (Saito et al., CVPR 2023; data/text_prefix.py): '' off, 'words' puts
+# TEXT_PREFIX_LABEL before every class prompt and TEXT_PREFIX_CAPTION before every caption, so the text
+# encoder knows which kind of supervision a text is. Zero-shot class prompts take the prefix of the kind
+# TEXT_PREFIX_ZEROSHOT names ('label' or 'caption'); retrieval captions the caption prefix.
+_C.DATA.TEXT_PREFIX = ''
+_C.DATA.TEXT_PREFIX_LABEL = 'label: '
+_C.DATA.TEXT_PREFIX_CAPTION = 'caption: '
+_C.DATA.TEXT_PREFIX_ZEROSHOT = 'label'
 
 # -----------------------------------------------------------------------------
 # Model
@@ -59,6 +67,13 @@ _C.MODEL.SPEC = CN(new_allowed=True)
 _C.MODEL.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1 / 0.07), as CLIP
 # added: logit_scale is clamped to this after every step (ln 100, as CLIP).
 _C.MODEL.LOGIT_SCALE_MAX = 4.605170185988092
+# added: LiT-style locked towers (model/lock.py; open_clip's --lock-image, --lock-text). A locked tower is
+# frozen, left out of the optimizer and kept in evaluation mode, its projection included; *_UNLOCKED_GROUPS
+# leaves its last N groups trainable (the projection is the last group; then blocks, last first).
+_C.MODEL.LOCK_IMAGE = False
+_C.MODEL.LOCK_IMAGE_UNLOCKED_GROUPS = 0
+_C.MODEL.LOCK_TEXT = False
+_C.MODEL.LOCK_TEXT_UNLOCKED_GROUPS = 0
 
 _C.MODEL.IMAGE_ENCODER = CN()
 _C.MODEL.IMAGE_ENCODER.TYPE = 'swin'

@@ -79,6 +79,11 @@ unit_interval_pair = Rule('two numbers low, high with 0 < low <= high <= 1',
                           and all(_is_number(x) for x in v) and 0 < v[0] <= v[1] <= 1)
 
 
+# A word prefix (DATA.TEXT_PREFIX_*): a blank one would tokenize to nothing, i.e. silently be no prefix.
+prefix_text = Rule("'' or a text with a non-blank character",
+                   lambda v: isinstance(v, str) and (v == '' or bool(v.strip())))
+
+
 RULES: Dict[str, Rule] = {
     'DATA.BATCH_SIZE': positive_int,
     'DATA.IMG_SIZE': positive_int,
@@ -89,6 +94,8 @@ RULES: Dict[str, Rule] = {
     'DATA.EPOCH_SAMPLES': non_negative_int,  # 0: the sources' sizes summed
     'DATA.SHUFFLE_BUFFER': non_negative_int,  # 0 and 1 both mean no shuffling
     'DATA.LOG_BAD_SAMPLES': non_negative_int,
+    'DATA.TEXT_PREFIX_LABEL': prefix_text,
+    'DATA.TEXT_PREFIX_CAPTION': prefix_text,
     'DATA.REDUCED_DECODE': Rule('True or False', lambda v: isinstance(v, bool)),  # data/crop_decode.py
 
     'MODEL.NUM_CLASSES': non_negative_int,
@@ -96,6 +103,9 @@ RULES: Dict[str, Rule] = {
     'MODEL.DIM_PROJECTION': positive_int,
     # MODEL.LOGIT_SCALE_INIT has no rule: 1e999 (infinite) is how the tests force a non-finite loss.
     'MODEL.LOGIT_SCALE_MAX': non_negative_float,  # the clamp's upper end; its lower end is 0
+    # Their upper end is the tower's group count, which model/lock.py checks on the built model.
+    'MODEL.LOCK_IMAGE_UNLOCKED_GROUPS': non_negative_int,
+    'MODEL.LOCK_TEXT_UNLOCKED_GROUPS': non_negative_int,
     'MODEL.IMAGE_ENCODER.IMG_SIZE': positive_int,
     'MODEL.IMAGE_ENCODER.DROP_RATE': probability,
     'MODEL.IMAGE_ENCODER.DROP_PATH_RATE': probability,
@@ -171,6 +181,10 @@ def _divisible_by(other_key: str, other: Any) -> Rule:
     return Rule(f'divisible by {other_key} ({other})', lambda v: v % other == 0)
 
 
+def _zero_unless(other_key: str, other: Any) -> Rule:
+    return Rule(f'0 while {other_key} is off', lambda v: bool(other) or v == 0)
+
+
 # (key, other key, rule on the key given the other's value), checked after RULES so both values are in range.
 RELATIONS: List[Tuple[str, str, Callable[[str, Any], Rule]]] = [
     ('MODEL.IMAGE_ENCODER.SWIN.NUM_HEADS', 'MODEL.IMAGE_ENCODER.SWIN.DEPTHS', _same_length),
@@ -178,17 +192,23 @@ RELATIONS: List[Tuple[str, str, Callable[[str, Any], Rule]]] = [
     ('MODEL.IMAGE_ENCODER.FOCAL.FOCAL_WINDOWS', 'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', _same_length),
     ('MODEL.IMAGE_ENCODER.FOCAL.FOCAL_FACTORS', 'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', _same_length),
     ('MODEL.TEXT_ENCODER.WIDTH', 'MODEL.TEXT_ENCODER.HEADS', _divisible_by),  # attention splits WIDTH
+    # Unlocked groups of a tower that is not locked would quietly mean nothing.
+    ('MODEL.LOCK_IMAGE_UNLOCKED_GROUPS', 'MODEL.LOCK_IMAGE', _zero_unless),
+    ('MODEL.LOCK_TEXT_UNLOCKED_GROUPS', 'MODEL.LOCK_TEXT', _zero_unless),
 ]
 
 
 def _registry_rules() -> Dict[str, Rule]:
     # The registries' own names, imported here rather than at the top: these modules import torch and
     # timm, and model/ and training/ import configs themselves.
+    from data.text_prefix import TEXT_KINDS, TEXT_PREFIX_MODES
     from model.image_encoder import IMAGE_ENCODERS
     from training.accumulation import ACCUMULATION_MODES
     from utils.precision import AMP_LEVELS
     return {'MODEL.IMAGE_ENCODER.TYPE': one_of(*IMAGE_ENCODERS),
             'TRAIN.ACCUMULATION_MODE': one_of(*ACCUMULATION_MODES),
+            'DATA.TEXT_PREFIX': one_of(*TEXT_PREFIX_MODES),
+            'DATA.TEXT_PREFIX_ZEROSHOT': one_of(*TEXT_KINDS),
             'AMP_OPT_LEVEL': one_of(*AMP_LEVELS)}
 
 

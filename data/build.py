@@ -10,6 +10,7 @@ from .classnames import training_templates
 from .loader import LoaderSetup, TrainLoader
 from .sources import Source, build_source
 from .specs import source_specs
+from .text_prefix import TextPrefix
 from .transforms import build_train_transform
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,13 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int) -> Tr
     if steps == 0:
         raise ValueError(f'an epoch of {epoch_samples} samples is less than one global batch of {global_batch} '
                          f'(DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} x {world_size} processes)')
+    context_length = config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH
+    text_prefix = TextPrefix.from_config(config)
+    text_prefix.check_fits(tokenizer, context_length)
     setup = LoaderSetup(
         sources, _weights(sources), build_train_transform(config), tokenizer,
-        config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH, training_templates(), config.DATA.BATCH_SIZE, steps,
-        rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS)
+        context_length, training_templates(), config.DATA.BATCH_SIZE, steps,
+        rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS, text_prefix)
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES)
     logger.info('training data:\n' + loader.describe())

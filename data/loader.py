@@ -38,6 +38,7 @@ from .order import SampleOrder, derive_seed, seeded_global_rngs
 from .prompts import class_prompt
 from .sources import BadSample, MapSource, Record, Source, StreamSource
 from .sources.base import EMPTY_CAPTION, StreamPosition
+from .text_prefix import TextPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ class LoaderSetup:
 
     def __init__(self, sources: List[Source], weights: List[float], transform: Callable, tokenizer: Any,
                  context_length: int, templates: List[str], batch_size: int, steps_per_epoch: int,
-                 rank: int, world_size: int, num_workers: int, seed: int, merge_captions: bool):
+                 rank: int, world_size: int, num_workers: int, seed: int, merge_captions: bool,
+                 text_prefix: TextPrefix = TextPrefix()):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
-        self.context_length, self.templates = context_length, templates
+        self.context_length, self.templates, self.text_prefix = context_length, templates, text_prefix
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = num_workers
@@ -120,17 +122,20 @@ class BatchStream(IterableDataset):
         return torch.stack(images), tokens, torch.tensor(labels, dtype=torch.int64), info
 
     def _use(self, i: int, record: Record, global_step: int, slot: int, rng: random.Random):
-        """(image, text, label, where) of a record; raises BadSample when it cannot be used."""
+        """(image, text, label, where) of a record; raises BadSample when it cannot be used. The one place a
+        training text gets its DATA.TEXT_PREFIX; a caption's label comes from the caption without it."""
         setup, source = self.setup, self.setup.sources[i]
         if source.is_labeled:
             image = decode_image(record)
             text = class_prompt(source.class_names[record.class_index], setup.templates, rng)
-            return image, text, setup.labels.class_label(i, record.class_index), record.where
+            return (image, setup.text_prefix.label + text, setup.labels.class_label(i, record.class_index),
+                    record.where)
         caption = (record.caption or '').strip()
         if not caption:
             raise BadSample(EMPTY_CAPTION, record.where)
         image = decode_image(record)
-        return image, caption, setup.labels.caption_label(caption, global_step, setup.rank, slot), record.where
+        return (image, setup.text_prefix.caption + caption,
+                setup.labels.caption_label(caption, global_step, setup.rank, slot), record.where)
 
     def _from_map(self, i: int, k: int, global_step: int, slot: int, rng: random.Random, info: Dict):
         setup, source = self.setup, self.setup.sources[i]
@@ -297,4 +302,7 @@ class TrainLoader:
                  f'{setup.labels.num_classes} classes, caption labels from {setup.labels.num_classes} on']
         for source, weight in zip(setup.sources, setup.weights):
             lines.append(f'  {source.describe()}: {100 * weight:.1f}% of each batch')
+        if setup.text_prefix != TextPrefix():
+            lines.append(f'  text prefixes (DATA.TEXT_PREFIX): {setup.text_prefix.label!r} before class prompts, '
+                         f'{setup.text_prefix.caption!r} before captions')
         return '\n'.join(lines)

@@ -26,6 +26,7 @@ from torch import Tensor
 from data.sources import SourceSpec
 from data.sources.caption_table import CaptionTableSource
 from data.sources.webdataset_shards import IMAGE_EXTENSIONS, expand_shards
+from data.text_prefix import TextPrefix
 
 from .cache import FeatureCache
 from .data import ImageItem, image_name
@@ -150,7 +151,8 @@ def run_retrieval(encoder: Encoder, source: str, image_root: Optional[str] = Non
         images = encoder.cached_images(data.images, [0] * len(data.images), cache, desc='retrieval images')
     else:
         images = encoder.images(data.images, desc='retrieval images')
-    texts = encoder.texts(data.captions, desc='retrieval texts')
+    prefix = TextPrefix.from_config(encoder.config).caption  # captions, as the image-text training data
+    texts = encoder.texts([prefix + caption for caption in data.captions], desc='retrieval texts')
     results = {'num_images': len(data.images), 'num_texts': len(data.captions)}
     results.update(retrieval_recalls(images, texts, torch.tensor(data.caption_image, device=images.device)))
     return results

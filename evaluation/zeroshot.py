@@ -10,6 +10,7 @@ from torch import Tensor
 
 from data.classnames import resolve_classnames, resolve_templates
 from data.prompts import split_synonyms
+from data.text_prefix import zeroshot_prefix
 
 from .data import LabeledImages, image_folder
 from .encoder import Encoder
@@ -27,9 +28,11 @@ def dataset_classnames(images: LabeledImages, explicit: Optional[str] = None) ->
 
 
 def class_embeddings(encoder: Encoder, classnames: Sequence[str], templates: Templates) -> Tensor:
-    """`[C, D]`: per class, the renormalized mean of its templates' normalized text features."""
+    """`[C, D]`: per class, the renormalized mean of its templates' normalized text features. Each prompt
+    gets the DATA.TEXT_PREFIX of the kind DATA.TEXT_PREFIX_ZEROSHOT names (none when prefixes are off)."""
     templates = resolve_templates(templates) if isinstance(templates, str) else list(templates)
-    texts = [template.format(name) for name in classnames for template in templates]
+    prefix = zeroshot_prefix(encoder.config)
+    texts = [prefix + template.format(name) for name in classnames for template in templates]
     means = encoder.texts(texts, desc='class embeddings').view(len(classnames), len(templates), -1).mean(dim=1)
     return means / means.norm(dim=-1, keepdim=True)
 

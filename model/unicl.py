@@ -9,6 +9,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from .image_encoder import build_image_encoder, pooled_features
+from .lock import apply_locks
 from .text_encoder import build_text_encoder, eot_features, eot_positions
 
 TokenBatch = Dict[str, torch.Tensor]
@@ -28,6 +29,16 @@ class UniCLModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.MODEL.LOGIT_SCALE_INIT)))
         trunc_normal_(self.text_projection, std=.02)
         trunc_normal_(self.image_projection, std=.02)
+        # Submodules frozen by MODEL.LOCK_* (model/lock.py), kept in evaluation mode by `train`.
+        self.locked_modules: Tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> 'UniCLModel':
+        """As nn.Module's, except that locked submodules stay in evaluation mode: a frozen tower computes
+        the function it was pretrained to, without dropout, drop-path or batch statistics."""
+        super().train(mode)
+        for name in self.locked_modules:
+            self.get_submodule(name).eval()
+        return self
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """`[B, 3, H, W]` -> `[B, DIM_PROJECTION]`, L2-normalized unless `normalize=False`."""
@@ -71,9 +82,12 @@ class UniCLModel(nn.Module):
 
 
 def build_unicl_model(config) -> UniCLModel:
-    """A freshly initialized UniCL model for `config` (load weights with `model.checkpoint`)."""
+    """A freshly initialized UniCL model for `config` (load weights with `model.checkpoint`), with the
+    towers MODEL.LOCK_* names locked (model/lock.py)."""
     image_cfg = config.MODEL.IMAGE_ENCODER
     if image_cfg.TYPE == 'swin' and config.DATA.IMG_SIZE != image_cfg.IMG_SIZE:
         raise ValueError(f'DATA.IMG_SIZE ({config.DATA.IMG_SIZE}) and MODEL.IMAGE_ENCODER.IMG_SIZE '
                          f'({image_cfg.IMG_SIZE}) differ; Swin is built for one input size, set both')
-    return UniCLModel(config)
+    model = UniCLModel(config)
+    apply_locks(model, config.MODEL)
+    return model

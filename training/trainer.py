@@ -25,6 +25,7 @@ from evaluation import Encoder, run_zeroshot
 from loss import UniCLLoss
 from model import UniCLModel, build_tokenizer, build_unicl_model
 from model.checkpoint import load_loaded, load_pretrained
+from model.lock import check_same_trainable, trainable_names
 from utils.checkpoint import CheckpointManager, resolve_source, safe_load
 from utils.distributed import barrier
 from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
@@ -116,6 +117,7 @@ class Trainer:
         return {
             'model': self.model.state_dict(),
             'optimizer': self.optimizer.state_dict(),
+            'trainable': trainable_names(self.model),  # the optimizer's parameters, which MODEL.LOCK_* decide
             'scaler': self.scaler.state_dict() if self.scaler else None,
             'progress': asdict(self.progress),
             'meters': {name: meter.state_dict() for name, meter in self.meters.items()},
@@ -147,6 +149,7 @@ class Trainer:
             load_loaded(self.model, state, path, self.config.MODEL.IMAGE_ENCODER.TYPE)
             logger.info(f'initialized the weights from {path} (MODEL.RESUME); training starts at step 1')
             return
+        check_same_trainable(state.get('trainable'), self.model, path)
         self.model.load_state_dict(state['model'])
         self._load_optimizer(state['optimizer'])
         if self.scaler and state.get('scaler'):
