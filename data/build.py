@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 
@@ -11,7 +11,7 @@ from .loader import LoaderSetup, TrainLoader
 from .sources import Source, build_source
 from .specs import source_specs
 from .text_prefix import TextPrefix
-from .transforms import build_train_transform
+from .transforms import build_train_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +36,12 @@ def _epoch_samples(config, sources: List[Source]) -> int:
     return sum(s.num_samples for s in sources)
 
 
-def build_train_loader(config, tokenizer: Any, rank: int, world_size: int) -> TrainLoader:
+def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
+                       device: Optional[torch.device] = None) -> TrainLoader:
     """This rank's training loader over the sources of `config.DATA` (see data/specs.py), with
     DATA.BATCH_SIZE samples per batch and DATA.EPOCH_SAMPLES // (BATCH_SIZE * world_size) batches per
-    epoch. `tokenizer` is called per batch as the official code does (padding to CONTEXT_LENGTH)."""
+    epoch. `tokenizer` is called per batch as the official code does (padding to CONTEXT_LENGTH). The
+    images arrive normalised on `device` (default: the CPU); the workers send them as uint8."""
     sources = [build_source(spec) for spec in source_specs(config)]
     global_batch = config.DATA.BATCH_SIZE * world_size
     epoch_samples = _epoch_samples(config, sources)
@@ -50,11 +52,13 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int) -> Tr
     context_length = config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH
     text_prefix = TextPrefix.from_config(config)
     text_prefix.check_fits(tokenizer, context_length)
+    pipeline = build_train_pipeline(config)
     setup = LoaderSetup(
-        sources, _weights(sources), build_train_transform(config), tokenizer,
+        sources, _weights(sources), pipeline.transform, tokenizer,
         context_length, training_templates(), config.DATA.BATCH_SIZE, steps,
-        rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS, text_prefix)
+        rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS, text_prefix,
+        decode=pipeline.decode, finish=pipeline.finish)
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-                         log_bad_samples=config.DATA.LOG_BAD_SAMPLES)
+                         log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())
     return loader

@@ -34,6 +34,7 @@ from utils.distributed import all_gather_object, get_world_size
 from .decode import decode_image
 from .labels import LabelSpace
 from .mixing import MixingPlan
+from .normalize import stack_images
 from .order import SampleOrder, derive_seed, seeded_global_rngs
 from .prompts import class_prompt
 from .sources import BadSample, MapSource, Record, Source, StreamSource
@@ -54,8 +55,12 @@ class LoaderSetup:
     def __init__(self, sources: List[Source], weights: List[float], transform: Callable, tokenizer: Any,
                  context_length: int, templates: List[str], batch_size: int, steps_per_epoch: int,
                  rank: int, world_size: int, num_workers: int, seed: int, merge_captions: bool,
-                 text_prefix: TextPrefix = TextPrefix()):
-        self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+                 text_prefix: TextPrefix = TextPrefix(),
+                 decode: Callable[[Record], Any] = decode_image, finish: Optional[Callable] = None):
+        # decode: record -> the image `transform` starts from; finish: (batch, erasing, device) -> the
+        # normalised batch on the device, in the training process (data/transforms.TrainPipeline).
+        self.sources, self.decode, self.transform, self.tokenizer = sources, decode, transform, tokenizer
+        self.finish = finish
         self.context_length, self.templates, self.text_prefix = context_length, templates, text_prefix
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -119,21 +124,22 @@ class BatchStream(IterableDataset):
                     labels.append(label)
                     where.append(origin)
         tokens = tokenize(setup.tokenizer, texts, setup.context_length)
-        return torch.stack(images), tokens, torch.tensor(labels, dtype=torch.int64), info
+        pixels, info['erasing'] = stack_images(images)  # float, or uint8 + erased patches (data/normalize.py)
+        return pixels, tokens, torch.tensor(labels, dtype=torch.int64), info
 
     def _use(self, i: int, record: Record, global_step: int, slot: int, rng: random.Random):
         """(image, text, label, where) of a record; raises BadSample when it cannot be used. The one place a
         training text gets its DATA.TEXT_PREFIX; a caption's label comes from the caption without it."""
         setup, source = self.setup, self.setup.sources[i]
         if source.is_labeled:
-            image = decode_image(record)
+            image = setup.decode(record)
             text = class_prompt(source.class_names[record.class_index], setup.templates, rng)
             return (image, setup.text_prefix.label + text, setup.labels.class_label(i, record.class_index),
                     record.where)
         caption = (record.caption or '').strip()
         if not caption:
             raise BadSample(EMPTY_CAPTION, record.where)
-        image = decode_image(record)
+        image = setup.decode(record)
         return (image, setup.text_prefix.caption + caption,
                 setup.labels.caption_label(caption, global_step, setup.rank, slot), record.where)
 
@@ -175,7 +181,8 @@ def _as_is(batch):
 
 
 class TrainLoader:
-    """Iterable over one epoch of `(images, tokens, labels)` for this rank.
+    """Iterable over one epoch of `(images, tokens, labels)` for this rank; the images normalised float32,
+    on `device` when one is given (the CPU otherwise).
 
     - `len(loader)`: batches per epoch.
     - `set_epoch(e)`: select epoch e; the position goes back to step 0 unless e is the current epoch (so
@@ -191,8 +198,10 @@ class TrainLoader:
       current epoch or (total=True) the whole run.
     """
 
-    def __init__(self, setup: LoaderSetup, pin_memory: bool = False, log_bad_samples: int = 10):
+    def __init__(self, setup: LoaderSetup, pin_memory: bool = False, log_bad_samples: int = 10,
+                 device: Optional[torch.device] = None):
         self.setup, self.pin_memory, self.log_bad_samples = setup, pin_memory, log_bad_samples
+        self.device = device  # where setup.finish puts (and normalises) the images
         self._epoch, self._step = 0, 0
         self._positions: Dict[str, List[Optional[StreamPosition]]] = {
             s.name: [None] * setup.slots_per_rank for s in setup.sources if isinstance(s, StreamSource)}
@@ -245,6 +254,9 @@ class TrainLoader:
             for name, position in info['positions'].items():
                 self._positions[name][info['residue']] = list(position)
             self._count_bad(info['bad'])
+            erasing = info.pop('erasing')
+            if self.setup.finish is not None:  # right after the copy to the device (data/normalize.py)
+                images = self.setup.finish(images, erasing, self.device)
             yield images, tokens, labels, info
 
     def _count_bad(self, bad: List[Tuple[str, str, str]]) -> None:

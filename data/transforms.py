@@ -1,12 +1,20 @@
 """Image transforms as the official training and evaluation build them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
+
+from .crop_decode import CropDecoder
+from .decode import decode_image
+from .normalize import ImageFinisher, split_tail
+from .sources.base import Record
 
 _INTERPOLATION = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
                   'nearest': InterpolationMode.NEAREST}
@@ -78,3 +86,34 @@ def build_train_transform(config) -> Callable:
         # pad_if_needed: an image smaller than the crop is padded instead of failing the batch.
         transform.transforms[0] = transforms.RandomCrop(config.DATA.IMG_SIZE, padding=4, pad_if_needed=True)
     return transform
+
+
+@dataclass
+class TrainPipeline:
+    """The official training transform as the loader applies it, in three places:
+    decode (worker): record -> PIL image the transform starts from; transform (worker): that image ->
+    a float tensor or, with a DeferredTail last, (uint8 tensor, erased patches); finish (training process,
+    right after the copy to the device): the stacked batch -> normalised float32 on the device."""
+    decode: Callable[[Record], Image.Image]
+    transform: Callable
+    finish: Callable
+
+
+def build_train_pipeline(config) -> TrainPipeline:
+    """The official training transform split for the loader.
+
+    With DATA.REDUCED_DECODE (the default) and a RandomResizedCrop first, `decode` is a CropDecoder
+    (data/crop_decode.py: the crop's box from the header size, the JPEG decoded at the smallest DCT scale
+    that keeps the box >= IMG_SIZE, crop + resize) and the transform goes on from the flip; else `decode`
+    is `decode_image` and the transform is whole. Its ToTensor -> Normalize -> RandomErasing end becomes
+    a DeferredTail in the workers and an ImageFinisher on the device (data/normalize.py: bit-identical on
+    the CPU, and a quarter of the bytes to move)."""
+    steps = list(build_train_transform(config).transforms)
+    decode: Callable[[Record], Image.Image] = decode_image
+    if config.DATA.REDUCED_DECODE and isinstance(steps[0], RandomResizedCropAndInterpolation):
+        decode = CropDecoder(steps.pop(0))
+    split = split_tail(steps)
+    if split is None:
+        return TrainPipeline(decode, transforms.Compose(steps), ImageFinisher([0.0], [1.0]))
+    head, tail, finish = split
+    return TrainPipeline(decode, transforms.Compose(head + [tail]), finish)

@@ -1,0 +1,121 @@
+"""Training images leave the loader workers as uint8 and are normalised on the training device.
+
+The official transform ends in ToTensor -> Normalize -> RandomErasing, all in float32 in the workers: a
+batch of 64 224-px images is 38.5 MB to build, to stack, to move through shared memory and to copy to
+the GPU. `DeferredTail` replaces those three steps in the workers: the image becomes a uint8 tensor (a
+quarter of the bytes) and timm's RandomErasing runs with its own code and random draws on a recorder
+instead of the image, keeping only the patches it would write (their place and their values, drawn in the
+worker as before). `ImageFinisher`, applied right after the (pinned, non-blocking) copy to the device,
+does ToTensor's /255 and Normalize's (x - mean) / std with the same float32 operations in the same order
+and pastes the patches in order: the batch is bit for bit the one the float path builds.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
+
+# One erased patch: (rows, columns) slices of the image and the float values RandomErasing wrote there.
+Patch = Tuple[slice, slice, torch.Tensor]
+# A sample's erasing, as the loader batches carry it: (index of the sample in its batch, its patches).
+SampleErasing = Tuple[int, List[Patch]]
+
+
+class _PatchRecorder:
+    """Stands in for the image tensor RandomErasing writes to: keeps each write instead of doing it."""
+
+    def __init__(self):
+        self.patches: List[Patch] = []
+
+    def __setitem__(self, key: Tuple[slice, slice, slice], values: torch.Tensor) -> None:
+        _, rows, columns = key  # RandomErasing always writes all channels: img[:, top:.., left:..]
+        self.patches.append((rows, columns, values))
+
+
+class DeferredTail:
+    """The workers' end of the training transform instead of ToTensor -> Normalize [-> RandomErasing]:
+    image -> (uint8 CHW tensor, the patches RandomErasing drew for it)."""
+
+    def __init__(self, normalize: transforms.Normalize, erasing: Optional[RandomErasing]):
+        self.normalize, self.erasing = normalize, erasing
+
+    def __call__(self, image: Image.Image) -> Tuple[torch.Tensor, List[Patch]]:
+        if image.mode != 'RGB':  # to_tensor would scale other modes (I;16, F) differently
+            raise ValueError(f'DeferredTail expects RGB images, got {image.mode}')
+        pixels = F.pil_to_tensor(image)
+        recorder = _PatchRecorder()
+        if self.erasing is not None:
+            channels, height, width = pixels.shape
+            # timm's own _erase: the same draws in the same order (python random, then torch's normal_).
+            self.erasing._erase(recorder, channels, height, width, torch.float32)
+        return pixels, recorder.patches
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.normalize!r}, {self.erasing!r})'
+
+
+def split_tail(steps: Sequence) -> Optional[Tuple[List, DeferredTail, 'ImageFinisher']]:
+    """(steps before, DeferredTail, ImageFinisher) when `steps` end in ToTensor -> Normalize
+    [-> RandomErasing] on float32, as timm's training transform does; else None."""
+    steps = list(steps)
+    erasing = steps.pop() if steps and isinstance(steps[-1], RandomErasing) else None
+    if len(steps) < 2 or type(steps[-2]) not in _TO_TENSOR or not isinstance(steps[-1], transforms.Normalize):
+        return None
+    normalize = steps[-1]
+    if normalize.inplace or (erasing is not None and erasing.num_splits > 1):
+        return None  # never built by create_transform for training; the float path handles them as they are
+    return steps[:-2], DeferredTail(normalize, erasing), ImageFinisher(normalize.mean, normalize.std)
+
+
+def _to_tensor_types() -> Tuple[type, ...]:
+    from timm.data.transforms import MaybeToTensor
+    return transforms.ToTensor, MaybeToTensor
+
+
+_TO_TENSOR = _to_tensor_types()
+
+TransformOutput = Union[torch.Tensor, Tuple[torch.Tensor, List[Patch]]]
+
+
+def stack_images(outputs: Sequence[TransformOutput]) -> Tuple[torch.Tensor, List[SampleErasing]]:
+    """A batch from the per-sample outputs of the training transform: float tensors as they are, or the
+    uint8 tensors of DeferredTail with the erasing of each sample that has any."""
+    if outputs and isinstance(outputs[0], torch.Tensor):
+        return torch.stack(list(outputs)), []
+    pixels = torch.stack([p for p, _ in outputs])
+    return pixels, [(index, patches) for index, (_, patches) in enumerate(outputs) if patches]
+
+
+class ImageFinisher:
+    """uint8 batch [B,3,H,W] -> normalised float32 batch on `device`, with the erased patches."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        # As torchvision's Normalize builds them: float32 (it casts to the image's dtype) per channel.
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = self.mean.to(device), self.std.to(device)
+        return self._on[device]
+
+    def __call__(self, images: torch.Tensor, erasing: Sequence[SampleErasing],
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # the float path: already finished in the workers
+            return images
+        device = torch.device(device) if device is not None else images.device
+        mean, std = self._constants(device)
+        # to_tensor: .to(float32).div(255); Normalize: .sub(mean).div(std): the same ops, in place.
+        batch = images.to(device, non_blocking=True).to(torch.float32).div_(255).sub_(mean).div_(std)
+        for index, patches in erasing:
+            for rows, columns, values in patches:  # in RandomErasing's order: a later patch overwrites
+                batch[index, :, rows, columns] = values.to(device, non_blocking=True)
+        return batch
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})'
