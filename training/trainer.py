@@ -82,7 +82,8 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------------------
     def build_training(self) -> None:
         self.validation_folder()  # a wrong VAL_PATH fails now, not after the first epoch
-        self.loader = build_train_loader(self.config, self.tokenizer, self.rank, self.world_size)
+        # The images arrive normalised on self.device: the workers send uint8 (data/normalize.py).
+        self.loader = build_train_loader(self.config, self.tokenizer, self.rank, self.world_size, device=self.device)
         if len(self.loader) < self.accumulation:
             raise ValueError(f'an epoch has {len(self.loader)} batches, fewer than ACCUMULATION_STEPS '
                              f'({self.accumulation})')
