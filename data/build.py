@@ -41,7 +41,8 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
     """This rank's training loader over the sources of `config.DATA` (see data/specs.py), with
     DATA.BATCH_SIZE samples per batch and DATA.EPOCH_SAMPLES // (BATCH_SIZE * world_size) batches per
     epoch. `tokenizer` is called per batch as the official code does (padding to CONTEXT_LENGTH). The
-    images arrive normalised on `device` (default: the CPU); the workers send them as uint8."""
+    images arrive normalised on `device` (default: the CPU): for a GPU the workers send uint8 and the images
+    are normalised on it after the copy, for the CPU the workers normalise whole batches (data/normalize.py)."""
     sources = [build_source(spec) for spec in source_specs(config)]
     global_batch = config.DATA.BATCH_SIZE * world_size
     epoch_samples = _epoch_samples(config, sources)
@@ -57,7 +58,9 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
         sources, _weights(sources), pipeline.transform, tokenizer,
         context_length, training_templates(), config.DATA.BATCH_SIZE, steps,
         rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS, text_prefix,
-        decode=pipeline.decode, finish=pipeline.finish)
+        decode=pipeline.decode, finish=pipeline.finish,
+        # A CPU device has no copy to shrink: the workers normalise whole batches, cheaper than image by image.
+        finish_in_workers=device is None or torch.device(device).type == 'cpu')
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())

@@ -56,11 +56,13 @@ class LoaderSetup:
                  context_length: int, templates: List[str], batch_size: int, steps_per_epoch: int,
                  rank: int, world_size: int, num_workers: int, seed: int, merge_captions: bool,
                  text_prefix: TextPrefix = TextPrefix(),
-                 decode: Callable[[Record], Any] = decode_image, finish: Optional[Callable] = None):
+                 decode: Callable[[Record], Any] = decode_image, finish: Optional[Callable] = None,
+                 finish_in_workers: bool = False):
         # decode: record -> the image `transform` starts from; finish: (batch, erasing, device) -> the
-        # normalised batch on the device, in the training process (data/transforms.TrainPipeline).
+        # normalised batch (data/transforms.TrainPipeline), run by the training process right after the copy
+        # to the device or, with finish_in_workers, by the workers on the CPU.
         self.sources, self.decode, self.transform, self.tokenizer = sources, decode, transform, tokenizer
-        self.finish = finish
+        self.finish, self.finish_in_workers = finish, finish_in_workers
         self.context_length, self.templates, self.text_prefix = context_length, templates, text_prefix
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -124,7 +126,10 @@ class BatchStream(IterableDataset):
                     labels.append(label)
                     where.append(origin)
         tokens = tokenize(setup.tokenizer, texts, setup.context_length)
-        pixels, info['erasing'] = stack_images(images)  # float, or uint8 + erased patches (data/normalize.py)
+        pixels, erasing = stack_images(images)  # float, or uint8 + erased patches (data/normalize.py)
+        if setup.finish is not None and setup.finish_in_workers:
+            pixels, erasing = setup.finish(pixels, erasing), []
+        info['erasing'] = erasing
         return pixels, tokens, torch.tensor(labels, dtype=torch.int64), info
 
     def _use(self, i: int, record: Record, global_step: int, slot: int, rng: random.Random):

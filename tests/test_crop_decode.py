@@ -24,6 +24,7 @@ from data.order import seeded_global_rngs
 from data.sources.base import CORRUPT, BadSample, Record
 from data.transforms import build_train_pipeline, build_train_transform
 from tests.conftest import tiny_config
+from tests.test_data_fixtures import LABELS, TABLE, data_config, epoch_batches, loader_for, same_batches
 
 OUT = 64  # the tiny config's IMG_SIZE: boxes of 128, 256, 512 px allow the 1/2, 1/4, 1/8 decodes
 
@@ -204,6 +205,30 @@ def test_the_loaders_pipeline_gives_the_official_transforms_batch(records):
     assert batch.shape == reference.shape and batch.dtype == torch.float32
     # RandAugment may amplify a level or two (contrast, equalize); the erased patches are equal.
     assert (batch - reference).abs().mean() < 0.05  # measured 0.017 (in units of the std)
+
+
+def test_loader_batches_are_the_same_wherever_they_are_normalised(tiny_data, tokenizer):
+    """The training loader's batches, normalised by the workers (a CPU device), by the main process after
+    the workers sent uint8 (a GPU's path, here on the CPU) and image by image as before data/normalize.py."""
+    config = data_config(tiny_data, [LABELS, TABLE], batch_size=4, EPOCH_SAMPLES=12)
+    config.defrost()
+    config.AUG.REPROB = 1.0  # every image erased: the patches must survive the trip from the worker
+    config.freeze()
+    by_workers = loader_for(config, tokenizer)
+    assert by_workers.setup.finish_in_workers
+    in_main = loader_for(config, tokenizer)
+    in_main.setup.finish_in_workers = False
+    in_main.setup.num_workers = 1  # a real worker process: uint8 batches and patches pickled to the main one
+    finished_in_main = epoch_batches(in_main, 0)
+    per_image = loader_for(config, tokenizer)
+    steps = list(per_image.setup.transform.transforms)
+    tail = steps.pop()
+    per_image.setup.transform = transforms.Compose(steps + [MaybeToTensor(), tail.normalize, tail.erasing])
+    per_image.setup.finish = None
+    reference = epoch_batches(per_image, 0)
+    assert len(reference) == 3 and all(batch[0].dtype == torch.float32 for batch in finished_in_main)
+    assert same_batches(epoch_batches(by_workers, 0), reference)
+    assert same_batches(finished_in_main, reference)
 
 
 def test_reduced_decode_switch_and_its_rule():
