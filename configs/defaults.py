@@ -64,7 +64,8 @@ _C.MODEL.PRETRAINED = ''
 _C.MODEL.DIM_PROJECTION = 512
 _C.MODEL.SPEC = CN(new_allowed=True)
 # added: initial temperature as logit_scale = ln(1 / T); the official code starts at logit_scale = 1.0.
-_C.MODEL.LOGIT_SCALE_INIT = 2.659260036932778  # ln(1 / 0.07), as CLIP
+# null: the TRAIN.LOSS's own start, ln(1 / 0.07) as CLIP for unicl and clip, ln 10 as SigLIP for sigmoid.
+_C.MODEL.LOGIT_SCALE_INIT = None
 # added: logit_scale is clamped to this after every step (ln 100, as CLIP).
 _C.MODEL.LOGIT_SCALE_MAX = 4.605170185988092
 # added: LiT-style locked towers (model/lock.py; open_clip's --lock-image, --lock-text). A locked tower is
@@ -153,6 +154,10 @@ _C.TRAIN.NAN_POLICY = 'stop'
 # added: UniCLLoss computes the logits in T x T tiles and never holds the B x N matrix; this is T. Any value
 # gives the same loss and gradients; 0 picks it from the device (64 MiB tiles on CPU, up to 1 GiB on CUDA).
 _C.TRAIN.LOSS_TILE_SIZE = 0
+# added: the loss (loss/__init__.py): 'unicl' (pairs sharing a label are positives), 'clip' (labels ignored,
+# each pair its own class: the paper's CLIP baseline), 'sigmoid' (SigLIP's pairwise sigmoid loss with a
+# learned bias, label-aware: pairs sharing a label are positives).
+_C.TRAIN.LOSS = 'unicl'
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
@@ -177,7 +182,8 @@ _C.AUG.RECOUNT = 1
 # Added: RandomResizedCrop's area range (timm's default, which the official runs used).
 _C.AUG.CROP_SCALE = [0.08, 1.0]
 # Off by default, unlike the official tree (0.8 / 1.0): the released UniCL models were trained without
-# mixup/cutmix, and mixing images would also mix their label-defined positives.
+# mixup/cutmix. On, images are mixed within each process's batch as timm's Mixup does and the targets in
+# image-text-label space become soft (data/mixup.py, loss/targets.py).
 _C.AUG.MIXUP = 0.0
 _C.AUG.CUTMIX = 0.0
 _C.AUG.CUTMIX_MINMAX = None

@@ -101,7 +101,9 @@ RULES: Dict[str, Rule] = {
     'MODEL.NUM_CLASSES': non_negative_int,
     'MODEL.LABEL_SMOOTHING': probability,
     'MODEL.DIM_PROJECTION': positive_int,
-    # MODEL.LOGIT_SCALE_INIT has no rule: 1e999 (infinite) is how the tests force a non-finite loss.
+    # Any number, even 1e999 (infinite): that is how the tests force a non-finite loss. null: the loss's own.
+    'MODEL.LOGIT_SCALE_INIT': Rule('null or a number', lambda v: v is None or (
+        isinstance(v, (int, float)) and not isinstance(v, bool))),
     'MODEL.LOGIT_SCALE_MAX': non_negative_float,  # the clamp's upper end; its lower end is 0
     # Their upper end is the tower's group count, which model/lock.py checks on the built model.
     'MODEL.LOCK_IMAGE_UNLOCKED_GROUPS': non_negative_int,
@@ -181,6 +183,13 @@ def _divisible_by(other_key: str, other: Any) -> Rule:
     return Rule(f'divisible by {other_key} ({other})', lambda v: v % other == 0)
 
 
+def _zero_with_mixup(other_key: str, aug: Any) -> Rule:
+    from data.mixup import mixup_enabled  # imports torch; see _registry_rules
+    return Rule(f'0 while {other_key}.MIXUP, {other_key}.CUTMIX or {other_key}.CUTMIX_MINMAX turn mixup/cutmix on '
+                f'(the mixup in image-text-label space has no label smoothing)',
+                lambda v: v == 0 or not mixup_enabled(aug))
+
+
 def _zero_unless(other_key: str, other: Any) -> Rule:
     return Rule(f'0 while {other_key} is off', lambda v: bool(other) or v == 0)
 
@@ -192,6 +201,8 @@ RELATIONS: List[Tuple[str, str, Callable[[str, Any], Rule]]] = [
     ('MODEL.IMAGE_ENCODER.FOCAL.FOCAL_WINDOWS', 'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', _same_length),
     ('MODEL.IMAGE_ENCODER.FOCAL.FOCAL_FACTORS', 'MODEL.IMAGE_ENCODER.FOCAL.DEPTHS', _same_length),
     ('MODEL.TEXT_ENCODER.WIDTH', 'MODEL.TEXT_ENCODER.HEADS', _divisible_by),  # attention splits WIDTH
+    # timm's Mixup smooths the mixed targets by MODEL.LABEL_SMOOTHING; ours cannot, so it refuses to ignore it.
+    ('MODEL.LABEL_SMOOTHING', 'AUG', _zero_with_mixup),
     # Unlocked groups of a tower that is not locked would quietly mean nothing.
     ('MODEL.LOCK_IMAGE_UNLOCKED_GROUPS', 'MODEL.LOCK_IMAGE', _zero_unless),
     ('MODEL.LOCK_TEXT_UNLOCKED_GROUPS', 'MODEL.LOCK_TEXT', _zero_unless),
@@ -202,11 +213,13 @@ def _registry_rules() -> Dict[str, Rule]:
     # The registries' own names, imported here rather than at the top: these modules import torch and
     # timm, and model/ and training/ import configs themselves.
     from data.text_prefix import TEXT_KINDS, TEXT_PREFIX_MODES
+    from loss import LOSSES
     from model.image_encoder import IMAGE_ENCODERS
     from training.accumulation import ACCUMULATION_MODES
     from utils.precision import AMP_LEVELS
     return {'MODEL.IMAGE_ENCODER.TYPE': one_of(*IMAGE_ENCODERS),
             'TRAIN.ACCUMULATION_MODE': one_of(*ACCUMULATION_MODES),
+            'TRAIN.LOSS': one_of(*LOSSES),
             'DATA.TEXT_PREFIX': one_of(*TEXT_PREFIX_MODES),
             'DATA.TEXT_PREFIX_ZEROSHOT': one_of(*TEXT_KINDS),
             'AMP_OPT_LEVEL': one_of(*AMP_LEVELS)}

@@ -16,6 +16,13 @@ scale s and the global batch of N pairs (all ranks concatenated in rank order):
 The code evaluates the second line of l_i2t: the positive term is one dot
 product with the mean feature of the row's label group.
 
+CLIP (``unique_pairs``, TRAIN.LOSS clip): each pair's label is its position in
+the global batch, so every P(i) is {i}. Mixup (MixedTargets, loss/targets.py):
+the 0/1 rows and columns of the positive mask become the soft weights
+W = Y~ Y^T, each row (image -> text) and each column (text -> image) normalized
+to sum 1; the positive term stays a dot product with a weighted combination of
+at most two label groups (``_soft_positives``).
+
 Memory. The logsumexp terms are the row and column log-sum-exps of the N x N
 logit matrix S = s U V^T. They are computed tile by tile (``_TiledLogSumExp``):
 forward keeps only the per-row and per-column statistics, backward recomputes
@@ -35,150 +42,88 @@ text-feature gradients over ranks, so the gradients add up to exactly dL.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from utils.distributed import (
-    all_gather_no_grad,
-    all_gather_with_grad,
-    all_reduce_sum,
-    gather_sizes,
-    get_rank,
-    get_world_size,
-)
+from utils.distributed import all_gather_no_grad, all_gather_with_grad, get_world_size
 
-# Tile edges are rounded to this many rows/columns: GEMMs run at full speed on aligned shapes.
-_TILE_ALIGN = 128
-# On CPU one T x T tile gets this many bytes (two are live). On the shared 2-core benchmark machine,
-# B = 16384, alternating runs: 0.73x ClipLoss's time with 16 MiB tiles, 0.58x with 64 MiB (fewer ops).
-_CPU_TILE_BYTES = 64 * 2**20
-# On CUDA one tile gets this share of the memory free for new tensors, within these bounds.
-_CUDA_TILE_SHARE = 16
-_CUDA_TILE_BYTES_MIN = 64 * 2**20
-_CUDA_TILE_BYTES_MAX = 2**30
+from .base import GlobalBatchLoss, resolve_tile_size, spans
+from .targets import GlobalTargets
+
+__all__ = ["UniCLLoss", "resolve_tile_size"]
 
 
-class UniCLLoss(nn.Module):
-    """Unified image-text-label contrastive loss over the global batch.
+class UniCLLoss(GlobalBatchLoss):
+    """Unified image-text-label contrastive loss over the global batch (see the module docstring).
 
-    ``forward`` returns a scalar whose **value** is the global loss L (identical
-    on every rank, so ``loss.item()`` on rank 0 logs L) and whose **gradient**
-    is ``world_size * dL_r``. DDP averages parameter gradients over ranks, and
-    the average of ``world_size * dL_r`` is ``sum_r dL_r = dL``, so after
-    ``loss.backward()`` every rank holds exactly the gradient of the global
-    loss. Without DDP (single process, world_size 1) both are plain L.
-
-    The value/gradient split costs one extra scalar all_reduce per step; the
-    column statistics one all_gather of 2 numbers per pair of the global batch.
+    ``forward(image_features, text_features, targets, logit_scale)``; the value is the global loss and
+    the gradient this rank's share times world_size (see :class:`GlobalBatchLoss`). The column
+    statistics cost one all_gather of 2 numbers per pair of the global batch.
 
     Args:
         tile_size: edge T of the T x T logit tiles the loss is computed in; 0 chooses it from the device
             (see :func:`resolve_tile_size`). Any value gives the same loss and gradients.
+        unique_pairs: ignore the labels, each pair its own class: CLIP's loss (``TRAIN.LOSS clip``).
     """
 
-    def __init__(self, tile_size: int = 0) -> None:
-        super().__init__()
-        if tile_size < 0:
-            raise ValueError(f"tile_size must be >= 0 (0: automatic), got {tile_size}")
-        self.tile_size = tile_size
+    # mean over images of l_i2t plus mean over texts of l_t2i, halved
+    terms_per_pair = 2
 
-    def forward(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        labels: Tensor,
-        logit_scale: Tensor,
-    ) -> Tensor:
-        """Compute the loss for this rank's slice of the global batch.
-
-        Args:
-            image_features: ``[B, D]`` L2-normalized image embeddings of this rank.
-            text_features: ``[B, D]`` L2-normalized text embeddings of this rank.
-            labels: ``[B]`` integer global label ids (same id => positive pair).
-            logit_scale: scalar, already exponentiated temperature inverse.
-        """
-        _check_inputs(image_features, text_features, labels, logit_scale)
-        # Under autocast the matmul would run in bf16/fp16; logsumexp over
-        # thousands of logits needs fp32 to stay accurate, so autocast is
-        # switched off and inputs are upcast (float64 stays float64).
-        with torch.autocast(device_type=image_features.device.type, enabled=False):
-            dtype = torch.promote_types(
-                torch.promote_types(image_features.dtype, text_features.dtype), torch.float32
-            )
-            img = image_features.to(dtype)
-            txt = text_features.to(dtype)
-            scale = logit_scale.to(dtype).reshape(())
-            # NCCL can only gather tensors that live on the GPU.
-            labels = labels.to(img.device)
-            sizes = gather_sizes(labels.shape[0], img.device)
-            tile = resolve_tile_size(self.tile_size, dtype, img.device)
-            local_sum = _local_loss_sum(img, txt, labels, scale, sizes, tile)
-
-        per_rank = local_sum / (2 * sum(sizes))
-        grad_path = per_rank * get_world_size()
-        global_value = all_reduce_sum(per_rank)
-        # Value of global_value, gradient of grad_path (see class docstring).
-        return grad_path + (global_value - grad_path).detach()
+    def local_sum(self, img: Tensor, txt: Tensor, targets: GlobalTargets, params: Sequence[Tensor],
+                  sizes: List[int], tile: int) -> Tensor:
+        """Sum of l_i2t over this rank's images plus l_t2i over this rank's texts."""
+        (scale,) = params
+        all_img, all_txt = _gather_features(img, txt, sizes)
+        log_sum_exps = _TiledLogSumExp.apply(img, all_txt, scale, targets.own, tile)
+        positives = _soft_positives if targets.mixed else _positives
+        return log_sum_exps - scale * positives(img, txt, all_img, all_txt, targets)
 
 
-def resolve_tile_size(tile_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Edge T of the T x T logit tiles: ``tile_size`` itself if positive, else chosen for the device.
-
-    Automatic rule: a tile gets a memory budget (64 MiB on CPU; on CUDA 1/16 of the memory free for
-    new tensors, i.e. free device memory plus what torch's allocator holds unused, clamped to
-    [64 MiB, 1 GiB]); T is the largest multiple of 128 whose T x T tile of ``dtype`` fits it
-    (fp32: 4096 on CPU, 4096 to 16384 on CUDA).
-    """
-    if tile_size > 0:
-        return tile_size
-    budget = _cuda_tile_bytes(device) if device.type == "cuda" else _CPU_TILE_BYTES
-    edge = math.isqrt(budget // (torch.finfo(dtype).bits // 8))
-    return max(_TILE_ALIGN, edge // _TILE_ALIGN * _TILE_ALIGN)
-
-
-def _cuda_tile_bytes(device: torch.device) -> int:
-    free, _ = torch.cuda.mem_get_info(device)
-    # Blocks torch's caching allocator holds but does not use are free for our tiles too.
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    share = (free + cached) // _CUDA_TILE_SHARE
-    return min(max(share, _CUDA_TILE_BYTES_MIN), _CUDA_TILE_BYTES_MAX)
-
-
-def _check_inputs(image: Tensor, text: Tensor, labels: Tensor, scale: Tensor) -> None:
-    # Shape errors would otherwise surface as broadcasting surprises or, in the
-    # distributed case, as a hang inside a collective.
-    if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(
-            f"image and text features must both be [B, D], got {tuple(image.shape)} and {tuple(text.shape)}"
-        )
-    if labels.shape != (image.shape[0],) or labels.is_floating_point():
-        raise ValueError(
-            f"labels must be an integer tensor of shape [{image.shape[0]}], got {labels.dtype} {tuple(labels.shape)}"
-        )
-    if scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}")
-
-
-def _local_loss_sum(
-    img: Tensor, txt: Tensor, labels: Tensor, scale: Tensor, sizes: List[int], tile: int
-) -> Tensor:
-    """Sum of l_i2t over this rank's images plus l_t2i over this rank's texts."""
-    all_img, all_txt = _gather_features(img, txt, sizes)
-    all_labels = all_gather_no_grad(labels, sizes)
-
-    _, group, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    start = sum(sizes[: get_rank()])
-    own = slice(start, start + labels.shape[0])
-    own_group = group[own]
-
-    log_sum_exps = _TiledLogSumExp.apply(img, all_txt, scale, own, tile)
-    positives = (img * _group_means(all_txt, group, counts)[own_group]).sum() + (
+def _positives(img: Tensor, txt: Tensor, all_img: Tensor, all_txt: Tensor, targets: GlobalTargets) -> Tensor:
+    """sum_i u_i . (mean text feature of i's label group) + sum_j v_j . (mean image feature of j's group)."""
+    _, group, counts = torch.unique(targets.labels, return_inverse=True, return_counts=True)
+    own_group = group[targets.own]
+    return (img * _group_means(all_txt, group, counts)[own_group]).sum() + (
         txt * _group_means(all_img, group, counts)[own_group]
     ).sum()
-    return log_sum_exps - scale * positives
+
+
+def _soft_positives(img: Tensor, txt: Tensor, all_img: Tensor, all_txt: Tensor, targets: GlobalTargets) -> Tensor:
+    """The positive terms with the mixup weights W = Y~ Y^T (loss/targets.py) as soft targets.
+
+    Image i's row of W, normalized to sum 1, is its target distribution over the texts, so its positive
+    term is u_i . sum_j W_ij v_j / sum_j W_ij. Row i only weighs two label groups, so with G(c) the sum and
+    n(c) the count of the texts labelled c:
+
+        sum_j W_ij v_j = lam_i G(y_i) + (1 - lam_i) G(y_p(i)),   sum_j W_ij = lam_i n(y_i) + (1 - lam_i) n(y_p(i))
+
+    Text j's column is its target distribution over the images: v_j . H(y_j) / C(y_j), with H(c) the sum
+    of lam_i u_i over images whose own label is c plus (1 - lam_i) u_i over images whose partner's is c,
+    and C(c) the same sum of weights. O(N D) memory, like the unmixed group means; exact.
+    """
+    n = targets.labels.shape[0]
+    values, group = torch.unique(torch.cat([targets.labels, targets.partner_labels]), return_inverse=True)
+    own_group, partner_group, groups = group[:n], group[n:], values.shape[0]
+    lam = targets.lam.to(img.dtype)
+    rest = 1 - lam
+
+    text_sums = all_txt.new_zeros(groups, all_txt.shape[1]).index_add(0, own_group, all_txt)
+    text_counts = lam.new_zeros(groups).index_add(0, own_group, torch.ones_like(lam))
+    mine = targets.own
+    a, b, lam_o, rest_o = own_group[mine], partner_group[mine], lam[mine], rest[mine]
+    row_sums = lam_o[:, None] * text_sums[a] + rest_o[:, None] * text_sums[b]
+    row_weights = lam_o * text_counts[a] + rest_o * text_counts[b]  # >= 1: both groups hold a text
+
+    image_sums = (all_img.new_zeros(groups, all_img.shape[1]).index_add(0, own_group, lam[:, None] * all_img)
+                  .index_add(0, partner_group, rest[:, None] * all_img))
+    image_weights = lam.new_zeros(groups).index_add(0, own_group, lam).index_add(0, partner_group, rest)
+    # A text whose label no image carries any weight of (its image fully replaced by a cutmix box) has no
+    # positive: its sums are 0, and the floor keeps 0 / 0 from making a NaN.
+    column_weights = image_weights[a].clamp_min(torch.finfo(img.dtype).tiny)
+    return (img * row_sums).sum(1).div(row_weights).sum() + (txt * image_sums[a]).sum(1).div(column_weights).sum()
 
 
 def _gather_features(img: Tensor, txt: Tensor, sizes: List[int]) -> Tuple[Tensor, Tensor]:
@@ -247,11 +192,6 @@ class _TiledLogSumExp(torch.autograd.Function):
 _LogSumExp = Tuple[Tensor, Tensor]
 
 
-def _spans(n: int, tile: int) -> Iterator[slice]:
-    """Consecutive slices of at most ``tile`` covering ``range(n)``."""
-    return (slice(i, min(i + tile, n)) for i in range(0, n, tile))
-
-
 def _exp_floor(like: Tensor, lowest: Callable[[], float]) -> Optional[float]:
     """Lower clamp for exponents (exp of anything below would be subnormal or 0), or None if unneeded.
 
@@ -299,8 +239,8 @@ def _logsumexp_stats(scaled_queries: Tensor, keys: Tensor, tile: int) -> Tuple[_
     buffers = _TileBuffers(min(tile, n_rows), min(tile, n_cols), scaled_queries)
     # Exponents are logits minus a running peak, so at least -2 * bound.
     floor = _exp_floor(scaled_queries, lambda: -2 * _logit_bound(scaled_queries, keys))
-    for c in _spans(n_cols, tile):
-        for r in _spans(n_rows, tile):
+    for c in spans(n_cols, tile):
+        for r in spans(n_rows, tile):
             logits, work = buffers.views(r.stop - r.start, c.stop - c.start)
             torch.mm(scaled_queries[r], keys[c].t(), out=logits)
             _accumulate(row_peak[r], row_total[r], logits, 1, work, floor)
@@ -342,8 +282,8 @@ def _logsumexp_grads(
     # Exponents are logits minus a log-sum-exp, so at least -bound - the largest log-sum-exp.
     floor = _exp_floor(scaled_queries, lambda: -_logit_bound(scaled_queries, keys) - max(
         (rows[0] + rows[1]).max().item(), (cols[0] + cols[1]).max().item()))
-    for c in _spans(n_cols, tile):
-        for r in _spans(n_rows, tile):
+    for c in spans(n_cols, tile):
+        for r in spans(n_rows, tile):
             logits, probs = buffers.views(r.stop - r.start, c.stop - c.start)
             torch.mm(scaled_queries[r], keys[c].t(), out=logits)
             _softmax(logits, rows[0][r], rows[1][r], 1, probs, floor)

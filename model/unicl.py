@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 
+from loss import get_loss_spec
+
 from .image_encoder import build_image_encoder, pooled_features
 from .lock import apply_locks
 from .text_encoder import build_text_encoder, eot_features, eot_positions
@@ -26,7 +28,13 @@ class UniCLModel(nn.Module):
         dim = config.MODEL.DIM_PROJECTION
         self.text_projection = nn.Parameter(torch.empty(self.text_encoder.dim_out, dim))
         self.image_projection = nn.Parameter(torch.empty(self.image_encoder.num_features, dim))
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.MODEL.LOGIT_SCALE_INIT)))
+        spec = get_loss_spec(config.TRAIN.LOSS)
+        scale_init = spec.logit_scale_init if config.MODEL.LOGIT_SCALE_INIT is None else config.MODEL.LOGIT_SCALE_INIT
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale_init)))
+        # Only a loss with a learned bias (sigmoid) adds the parameter: the other losses' checkpoints keep
+        # exactly the released keys.
+        if spec.logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(spec.logit_bias_init)))
         trunc_normal_(self.text_projection, std=.02)
         trunc_normal_(self.image_projection, std=.02)
         # Submodules frozen by MODEL.LOCK_* (model/lock.py), kept in evaluation mode by `train`.
@@ -60,9 +68,11 @@ class UniCLModel(nn.Module):
         x = eot_features(hidden, eot) @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalized image features, normalized text features, logit_scale.exp())."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+    def forward(self, images: torch.Tensor, tokens: TokenBatch) -> Tuple[torch.Tensor, ...]:
+        """(normalized image features, normalized text features, logit_scale.exp()), then logit_bias when
+        the model has one: the loss's arguments after the targets, in the loss's order."""
+        logit = (self.logit_scale.exp(),) + ((self.logit_bias,) if hasattr(self, 'logit_bias') else ())
+        return (self.encode_image(images), self.encode_text(tokens)) + logit
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_encoder.set_grad_checkpointing(enable)

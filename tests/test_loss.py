@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loss import UniCLLoss
 from loss.unicl_loss import resolve_tile_size
+from tests.gloo import ddp_average, run_in_gloo_group
 from utils.distributed import all_gather_with_grad, get_world_size, init_distributed, is_dist
 
 
@@ -260,28 +258,19 @@ def run_case(labels: List[int], seed: int, rows: slice, loss_fn) -> Dict[str, Te
     return out
 
 
-def _dist_worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for tile in DIST_TILES:
-            for seed, (labels, sizes) in enumerate(DIST_CASES):
-                start = sum(sizes[:rank])
-                res = run_case(labels, seed, slice(start, start + sizes[rank]), UniCLLoss(tile_size=tile))
-                for key in [k for k in res if k.startswith("param.")]:
-                    # What DDP does to parameter gradients.
-                    dist.all_reduce(res[key])
-                    res[key] /= WORLD
-                results[tile, seed] = res
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _dist_results(rank: int) -> Dict:
+    results = {}
+    for tile in DIST_TILES:
+        for seed, (labels, sizes) in enumerate(DIST_CASES):
+            start = sum(sizes[:rank])
+            res = run_case(labels, seed, slice(start, start + sizes[rank]), UniCLLoss(tile_size=tile))
+            ddp_average(res[key] for key in res if key.startswith("param."))
+            results[tile, seed] = res
+    return results
 
 
 def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    per_rank = run_in_gloo_group(_dist_results, tmp_path, WORLD)
 
     for (tile, seed), (labels, sizes) in [((t, i), c) for t in DIST_TILES for i, c in enumerate(DIST_CASES)]:
         ref = run_case(labels, seed, slice(None), dense_unicl)

@@ -21,7 +21,10 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]
+from loss.targets import Targets, cat_targets
+
+# (images, tokens, labels); after mixup the labels are MixedTargets.
+Batch = Tuple[torch.Tensor, Dict[str, torch.Tensor], Targets]
 
 
 @dataclass
@@ -57,8 +60,9 @@ def accumulate_gradients(parts: StepParts, batches: Sequence[Batch]) -> torch.Te
         images, tokens, labels = to_device(batch, parts.device)
         with _sync_unless(parts, last=i == len(batches) - 1):
             with parts.autocast():
-                image_features, text_features, scale = parts.module(images, tokens)
-            loss = parts.criterion(image_features, text_features, labels, scale)
+                # The logit parameters: the scale, and the bias of a loss that has one (model/unicl.py).
+                image_features, text_features, *logit = parts.module(images, tokens)
+            loss = parts.criterion(image_features, text_features, labels, *logit)
             _backward(parts, loss / len(batches))
         losses.append(loss.detach())
     return torch.stack(losses).mean()
@@ -89,26 +93,26 @@ def accumulate_features(parts: StepParts, batches: Sequence[Batch]) -> torch.Ten
         for images, tokens, _ in batches:
             rng_states.append(_rng_state(parts.device))
             with parts.autocast():
-                image_features, text_features, scale = parts.model(images, tokens)
+                image_features, text_features, *logit = parts.model(images, tokens)
             image_parts.append(image_features)
             text_parts.append(text_features)
     image_features, text_features = _gradient_leaf(image_parts), _gradient_leaf(text_parts)
-    scale = scale.detach().requires_grad_()
-    loss = parts.criterion(image_features, text_features, torch.cat([labels for _, _, labels in batches]), scale)
+    logit = [p.detach().requires_grad_() for p in logit]
+    loss = parts.criterion(image_features, text_features, cat_targets([labels for _, _, labels in batches]), *logit)
     if not torch.isfinite(loss):
         return loss.detach()  # no gradients made: the trainer judges the step
-    image_grads, text_grads, scale_grad = torch.autograd.grad(loss, (image_features, text_features, scale))
+    image_grads, text_grads, *logit_grads = torch.autograd.grad(loss, (image_features, text_features, *logit))
     sizes = [images.shape[0] for images, _, _ in batches]
     for i, ((images, tokens, _), rng, image_grad, text_grad) in enumerate(
             zip(batches, rng_states, image_grads.split(sizes), text_grads.split(sizes))):
         _set_rng_state(rng, parts.device)
         with _sync_unless(parts, last=i == len(batches) - 1):
             with parts.autocast():
-                image_features, text_features, scale = parts.module(images, tokens)
+                image_features, text_features, *logit = parts.module(images, tokens)
             # d(surrogate)/d(weights) = the cached feature gradients backpropagated through this micro-batch;
-            # logit_scale's gradient is shared out so every micro-batch uses every parameter.
+            # the logit parameters' gradients are shared out so every micro-batch uses every parameter.
             surrogate = ((image_features * image_grad).sum() + (text_features * text_grad).sum()
-                         + scale * (scale_grad / len(batches)))
+                         + sum(p * (g / len(batches)) for p, g in zip(logit, logit_grads)))
             _backward(parts, surrogate)
     return loss.detach()
 

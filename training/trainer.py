@@ -1,9 +1,9 @@
 """The training loop: one optimizer step, epochs, checkpoints and resuming, validation, throughput.
 
-One optimizer step: ACCUMULATION_STEPS batches of (images, tokens, labels) -> model -> normalized
-features -> UniCLLoss over the batch gathered from all ranks (per micro-batch, or over all of them with
-TRAIN.ACCUMULATION_MODE features; see accumulation.py) -> backward (DDP averages gradients) -> unscale +
-clip -> AdamW -> per-step LR -> clamp logit_scale.
+One optimizer step: ACCUMULATION_STEPS batches of (images, tokens, labels) -> mixup/cutmix when AUG turns
+it on (data/mixup.py) -> model -> normalized features -> the TRAIN.LOSS loss over the batch gathered from all
+ranks (per micro-batch, or over all of them with TRAIN.ACCUMULATION_MODE features; see accumulation.py) ->
+backward (DDP averages gradients) -> unscale + clip -> AdamW -> per-step LR -> clamp logit_scale.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from data import build_train_loader
 from data.order import derive_seed
 from evaluation import Encoder, run_zeroshot
-from loss import UniCLLoss
+from data.mixup import LabelSpaceMixup
+from loss import build_loss
 from model import UniCLModel, build_tokenizer, build_unicl_model
 from model.checkpoint import load_loaded, load_pretrained
 from model.lock import check_same_trainable, trainable_names
@@ -66,7 +67,8 @@ class Trainer:
                 self.ddp = DistributedDataParallel(
                     self.model, device_ids=[device.index] if device.type == 'cuda' else None,
                     broadcast_buffers=False)
-        self.criterion = UniCLLoss(tile_size=config.TRAIN.LOSS_TILE_SIZE)
+        self.criterion = build_loss(config)
+        self.mixup = LabelSpaceMixup.from_config(config)  # None unless AUG turns mixup/cutmix on
         mode = get_accumulation_mode(config.TRAIN.ACCUMULATION_MODE)
         # With a single micro-batch the modes agree; the plain one spares the second forward.
         self.accumulate = mode if self.accumulation > 1 else get_accumulation_mode('gradients')
@@ -211,6 +213,9 @@ class Trainer:
     def optimizer_step(self, batches) -> StepResult:
         """One step over `batches`. A non-finite loss (or, without a GradScaler, gradient) leaves the weights
         alone for `handle_nonfinite` to judge; an fp16 overflow is the GradScaler's normal skip."""
+        if self.mixup is not None:
+            # Once per micro-batch, before any forward: ACCUMULATION_MODE features runs each one twice.
+            batches = [self.mixup.mix_batch(to_device(batch, self.device)) for batch in batches]
         loss = self.accumulate(self._step_parts(), batches)
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,36 @@
+"""Multi-process tests in one call: spawn processes joined in a gloo group, each computes its results,
+and the test reads them back in rank order."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+
+def run_in_gloo_group(compute: Callable[[int], Any], tmp_path: Path, world: int = 2) -> List[Any]:
+    """``compute(rank)`` in ``world`` spawned processes of one gloo group; their results, in rank order.
+    ``compute`` must be a module-level function (spawn pickles it) and return what torch.save writes."""
+    mp.spawn(_worker, args=(compute, str(tmp_path), world), nprocs=world, join=True)
+    return [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(world)]
+
+
+def _worker(rank: int, compute: Callable[[int], Any], out_dir: str, world: int) -> None:
+    torch.set_num_threads(1)  # the processes share the machine's cores
+    dist.init_process_group('gloo', init_method=f'file://{os.path.join(out_dir, "store")}', rank=rank,
+                            world_size=world)
+    try:
+        torch.save(compute(rank), os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_average(grads: Iterable[Tensor]) -> None:
+    """What DDP does to parameter gradients: each becomes its mean over the ranks, in place."""
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
