@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-oldest test-slurm demo ablation clean-venv
+.PHONY: test test-oldest test-slurm demo ablation ablation-losses clean-venv
 DEMO_OUT := output/demo
 DEMO_RUN := $(DEMO_OUT)/unicl_tiny/builtin_unicl
 
@@ -40,12 +40,17 @@ demo: $(VENV)/.installed
 	$(PY) -m reporting.demo --run $(DEMO_RUN) --zeroshot $(DEMO_OUT)/zeroshot \
 		--linear-probe $(DEMO_OUT)/linear_probe --output $(DEMO_OUT)
 
-# The longer run (about 20 minutes on 2 CPU cores): UniCL vs labels-only vs captions-only on the built-in
-# data, two training seeds each; writes output/ablation/ablation.md and ablation.png.
+# The longer runs, sweeps of configs/sweeps/ (python -m training.sweep): UniCL vs labels-only vs captions-only
+# on the built-in data, and the UniCL, CLIP and sigmoid losses and UniCL with mixup; two training seeds each.
+# Each writes sweep.md, sweep.json and sweep.png to output/ablation (output/ablation_losses). Started again,
+# a sweep skips the runs it finished and resumes the one it was in: remove the folder to train them anew.
 ablation: $(VENV)/.installed
 	$(PY) -m data.builtin --out demo_data --scale small
-	rm -rf output/ablation
-	$(PY) bench/builtin_ablation.py --data demo_data --output output/ablation --seeds 0 1
+	$(PY) -m training.sweep configs/sweeps/builtin_ablation.yaml
+
+ablation-losses: $(VENV)/.installed
+	$(PY) -m data.builtin --out demo_data --scale small
+	$(PY) -m training.sweep configs/sweeps/builtin_losses.yaml
 
 # The suite on the oldest torch the code supports (2.4.1, torchvision 0.19.1) with the newest releases of the
 # other requirements, in a venv of its own. Not part of `make test`: it downloads about 5 GB from PyPI.

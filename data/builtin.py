@@ -19,7 +19,7 @@ right and guesses the colour (1 / colours); captions-only grounds colours well b
 the few captions naming them; labels + captions get shapes from the labels and colours from the captions.
 Colour is far easier to learn than shape, so the demo's UniCL run draws 75% of each batch from the labels
 (`configs/unicl_tiny_builtin.yaml`). Measured results: README.md, "The built-in dataset"
-(`python bench/builtin_ablation.py` reproduces them).
+(`make ablation`, a sweep of `configs/sweeps/builtin_ablation.yaml`, reproduces them).
 """
 from __future__ import annotations
 

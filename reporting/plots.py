@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -47,9 +47,11 @@ def plot_training_curves(scalars: Dict[str, Series], path: str) -> str:
 
 
 def plot_runs(curves: Dict[str, Sequence[float]], path: str, title: str, ylabel: str,
-              chance: Optional[float] = None, group: Callable[[str], str] = lambda label: label) -> str:
+              chance: Optional[float] = None, group: Callable[[str], str] = lambda label: label,
+              bands: Optional[Dict[str, Tuple[Sequence[float], Sequence[float]]]] = None) -> str:
     """One line per run over epochs 1..N (e.g. zero-shot Acc@1 of each ablation run and seed). Runs of the
-    same `group(label)` share a colour and differ in line style."""
+    same `group(label)` share a colour and differ in line style. `bands[label]` = (low, high) per epoch is
+    shaded around that line (e.g. the min-max over seeds around their mean)."""
     figure, ax = plt.subplots(figsize=(9, 5))
     colours, seen = {}, {}
     styles = ['-', '--', ':', '-.']
@@ -59,6 +61,9 @@ def plot_runs(curves: Dict[str, Sequence[float]], path: str, title: str, ylabel:
         style = styles[seen.setdefault(key, 0) % len(styles)]
         seen[key] += 1
         ax.plot(range(1, len(values) + 1), values, marker='o', ls=style, color=colour, label=label, ms=3)
+        if bands and label in bands:
+            low, high = bands[label]
+            ax.fill_between(range(1, len(low) + 1), low, high, color=colour, alpha=0.15, lw=0)
     if chance is not None:
         ax.axhline(chance, color='grey', ls='--', lw=1, label=f'chance ({chance:g})')
     ax.set(title=title, xlabel='epoch', ylabel=ylabel)

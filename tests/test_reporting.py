@@ -1,18 +1,13 @@
-"""Reports: scalars read back from tensorboard events, the demo report and its curves, the ablation table."""
+"""Reports: scalars read back from tensorboard events, the demo report and its curves (sweep reports:
+test_sweep.py)."""
 import json
 import os
-import sys
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from reporting.demo import write_report
-from reporting.plots import plot_runs
 from reporting.scalars import read_scalars
-from tests.conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, 'bench'))
-import builtin_ablation  # noqa: E402
 
 
 def fake_run(run_dir, resumed_from=None):
@@ -59,18 +54,3 @@ def test_demo_report(tmp_path, capsys):
     with open(os.path.join(out, 'curves.png'), 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert 'report: ' in capsys.readouterr().out
-
-
-def test_ablation_summary_and_epochs_won(tmp_path):
-    def run(values):
-        return [{'acc1': v, 'acc5': v + 10} for v in values]
-    results = {'labels + captions (UniCL)': {'0': run([10, 30, 40]), '1': run([20, 20, 42])},
-               'labels only': {'0': run([12, 15, 16]), '1': run([14, 15, 16])},
-               'captions only': {'0': run([20, 28, 29]), '1': run([20, 30, 31])}}
-    table = builtin_ablation.summary_table(results)
-    assert table[2] == ('| labels + captions (UniCL) | 41.00 (40.00, 42.00) | 51.00 (50.00, 52.00) | '
-                        '41.00 (40.00, 42.00) |')
-    # epoch means: UniCL 15, 25, 41; labels 13, 15, 16; captions 20, 29, 30 -> UniCL leads at epoch 3 only
-    assert builtin_ablation.epochs_won(results) == 'UniCL (mean over seeds) leads both others at 1 of 3 epochs: [3]'
-    png = plot_runs({'a': [1, 2], 'b': [2, 1]}, str(tmp_path / 'p.png'), 'title', 'y', chance=6.25)
-    assert os.path.getsize(png) > 1000
