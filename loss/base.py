@@ -76,6 +76,8 @@ class GlobalBatchLoss(nn.Module):
     """
 
     logit_params: Tuple[str, ...] = ("logit_scale",)
+    # The loss is the sum of local_sum over ranks divided by terms_per_pair * N.
+    terms_per_pair = 1
 
     def __init__(self, tile_size: int = 0, unique_pairs: bool = False) -> None:
         super().__init__()
@@ -113,9 +115,6 @@ class GlobalBatchLoss(nn.Module):
         global_value = all_reduce_sum(per_rank)
         # Value of global_value, gradient of grad_path (see class docstring).
         return grad_path + (global_value - grad_path).detach()
-
-    # The loss is the sum of local_sum over ranks divided by terms_per_pair * N.
-    terms_per_pair = 1
 
     def local_sum(self, img: Tensor, txt: Tensor, targets: GlobalTargets, params: Sequence[Tensor],
                   sizes: List[int], tile: int) -> Tensor:

@@ -99,8 +99,7 @@ class _TiledSigmoid(torch.autograd.Function):
         scaled = queries * scale
         total = queries.new_zeros(())
         for r, c, logits in _logit_tiles(scaled, keys, bias, tile):
-            targets = pairs.tile(r, c, logits.dtype)
-            total += _softplus(logits).sum() - (targets * logits).sum()
+            total += _softplus(logits).sum() - pairs.tile(r, c, logits.dtype).mul_(logits).sum()
         ctx.save_for_backward(queries, keys, scale, bias)
         ctx.pairs, ctx.tile = pairs, tile
         return total
