@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Callable, List, Sequence
 
 import numpy as np
 import pytest
@@ -20,6 +22,40 @@ def child_env(**variables: str) -> dict:
     """The environment for a child Python process: the project first on PYTHONPATH, what was there kept."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH')) if p)
     return dict(os.environ, PYTHONPATH=path, **variables)
+
+
+def run_ranks(fn: Callable, args: Sequence = (), nprocs: int = 2) -> None:
+    """fn(rank, *args) in `nprocs` forked processes, as mp.spawn runs it; an exception in any is raised here.
+
+    Forked, not spawned: a child starts with this process's imports, where a spawned one spends 8-10 s of the
+    suite's 2 cores importing torch, torchvision and timm again."""
+    torch.multiprocessing.start_processes(_one_thread, args=(fn, tuple(args)), nprocs=nprocs, start_method='fork')
+
+
+def _one_thread(rank: int, fn: Callable, args: tuple) -> None:
+    # The ranks share the cores; and one thread keeps a forked child off the OpenMP pool of its parent.
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def run_like_torchrun(entry: Callable[[List[str]], object], argv: Sequence[str], nprocs: int = 2) -> None:
+    """A script's `main(argv)` in `nprocs` forked ranks with the environment torchrun gives its workers, so the
+    script joins the process group itself; a rank's non-zero exit code (an int `main` returns) fails the call."""
+    run_ranks(_torchrun_worker, args=(entry, list(argv), nprocs, free_port()), nprocs=nprocs)
+
+
+def _torchrun_worker(rank: int, entry: Callable, argv: List[str], world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR='localhost', MASTER_PORT=str(port))
+    code = entry(argv)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 def tiny_config(*opts: str):

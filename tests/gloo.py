@@ -1,4 +1,4 @@
-"""Multi-process tests in one call: spawn processes joined in a gloo group, each computes its results,
+"""Multi-process tests in one call: forked processes joined in a gloo group, each computes its results,
 and the test reads them back in rank order."""
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from typing import Any, Callable, Iterable, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor
+
+from tests.conftest import run_ranks
 
 
 def run_in_gloo_group(compute: Callable[[int], Any], tmp_path: Path, world: int = 2) -> List[Any]:
-    """``compute(rank)`` in ``world`` spawned processes of one gloo group; their results, in rank order.
-    ``compute`` must be a module-level function (spawn pickles it) and return what torch.save writes."""
-    mp.spawn(_worker, args=(compute, str(tmp_path), world), nprocs=world, join=True)
+    """``compute(rank)`` in ``world`` processes of one gloo group; their results (what torch.save writes), in
+    rank order."""
+    run_ranks(_worker, args=(compute, str(tmp_path), world), nprocs=world)
     return [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(world)]
 
 
 def _worker(rank: int, compute: Callable[[int], Any], out_dir: str, world: int) -> None:
-    torch.set_num_threads(1)  # the processes share the machine's cores
     dist.init_process_group('gloo', init_method=f'file://{os.path.join(out_dir, "store")}', rank=rank,
                             world_size=world)
     try:

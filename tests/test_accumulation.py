@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.conftest import run_ranks
 from tests.test_train import _trainer
 
 MICRO = 2  # samples per micro-batch and rank
@@ -92,7 +92,7 @@ def test_two_processes_accumulating_equal_one_big_batch_step(tiny_data, tmp_path
     torch.save(global_batch, os.path.join(out, 'global_batch.pt'))
     expected = _gradients(_float64_trainer(tiny_data, str(tmp_path / 'big'), 'DATA.BATCH_SIZE', '8'), [global_batch])
     result = os.path.join(out, 'rank{}.pt')
-    mp.spawn(_rank_step, args=(2, mode, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
+    run_ranks(_rank_step, args=(2, mode, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2)
     for rank in range(2):
         _assert_same(torch.load(result.format(rank), weights_only=True), expected)
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import io
 import json
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 
+from tests.conftest import run_ranks
 from tests.test_data_fixtures import (LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for,
                                       same_batches)
 
@@ -70,7 +69,7 @@ def test_iterating_a_finished_epoch_starts_the_next(tiny_data, tokenizer):
     assert loader.epoch == 1 and len(first) == len(second) == 3 and not same_batches(first, second)
 
 
-def _gather_state(rank: int, world_size: int, init_file: str, data: str, queue) -> None:
+def _gather_state(rank: int, world_size: int, init_file: str, data: str, result: str) -> None:
     from data import build_train_loader
     from model import build_tokenizer
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
@@ -79,33 +78,16 @@ def _gather_state(rank: int, world_size: int, init_file: str, data: str, queue) 
         loader = build_train_loader(config, build_tokenizer(config.MODEL.TEXT_ENCODER), rank, world_size)
         batches = loader.iter_with_info()
         next(batches)
-        queue.put((rank, loader.state_dict()))
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))  # the test reports it instead of waiting for a state
-        raise
+        torch.save(loader.state_dict(), result.format(rank))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer, tmp_path):
     """Under torch.distributed any rank's state_dict holds every rank's stream positions."""
-    context = mp.get_context('spawn')
-    queue = context.Queue()
-    init_file = str(tmp_path / 'init')
-    processes = [context.Process(target=_gather_state, args=(r, 2, init_file, tiny_data, queue)) for r in range(2)]
-    for p in processes:
-        p.start()
-    try:
-        states = {}
-        for _ in processes:
-            rank, state = queue.get(timeout=120)
-            assert not isinstance(state, str), f'rank {rank} failed:\n{state}'
-            states[rank] = state
-    finally:  # a rank that failed leaves the other waiting in a collective: end it rather than hang pytest
-        for p in processes:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    result = str(tmp_path / 'rank{}.pt')
+    run_ranks(_gather_state, args=(2, str(tmp_path / 'init'), tiny_data, result))
+    states = [torch.load(result.format(rank), weights_only=False) for rank in (0, 1)]
     assert states[0]['stream_positions'] == states[1]['stream_positions']
     assert set(states[0]['stream_positions']) == {'0', '1'}
     # rank 1 restores its own positions from rank 0's saved state

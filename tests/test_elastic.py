@@ -7,7 +7,6 @@ import datetime
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT
+import main
+from tests.conftest import ROOT, free_port, run_like_torchrun
 from tests.test_train import _args, _children, _run_dir
 from utils.checkpoint import CheckpointManager, safe_load
 
@@ -28,12 +28,6 @@ ELASTIC = ('--standalone', '--nproc-per-node', '2', '--max-restarts', '2')
 # (the keys default_pg/0//cpu//0/<rank> are still there) and then hangs or fails with 'Connection refused'
 # (pytorch/pytorch#135712). Each round gets a fresh store when the agent does not share its own.
 FRESH_STORE = {'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
 
 
 class _Agent:
@@ -88,14 +82,9 @@ def _seconds_after(start, log, pattern):
 
 @pytest.fixture(scope='module')
 def uninterrupted(tiny_data, tmp_path_factory):
-    """The final checkpoint of the run with one agent and two processes, nothing killed."""
+    """The final checkpoint of the same run in two ranks, nothing killed (forked ranks: no agent needed)."""
     out = str(tmp_path_factory.mktemp('uninterrupted'))
-    agent = _Agent(ELASTIC, tiny_data, out, os.path.join(out, 'torchrun.log'), FRESH_STORE)
-    try:
-        code, log = agent.wait()
-    finally:
-        agent.kill()
-    assert code == 0, log
+    run_like_torchrun(main.main, _args(tiny_data, out, *OPTS))
     return _final(out)
 
 
@@ -135,7 +124,7 @@ def test_a_killed_rank_is_restarted_and_resumes_to_the_uninterrupted_weights(tin
 def test_two_agents_rendezvous_like_one_agent_with_two_processes(tiny_data, tmp_path, uninterrupted):
     """Two agents of one process each (--nnodes 2) meet in a c10d rendezvous, the first hosting its store:
     both exit 0, the group was 2 nodes of ranks 0 and 1, and the run ends as with one agent of 2 processes."""
-    out, port = str(tmp_path / 'run'), _free_port()
+    out, port = str(tmp_path / 'run'), free_port()
     rdzv = ['--nnodes', '2', '--nproc-per-node', '1', '--rdzv-backend', 'c10d',
             '--rdzv-endpoint', f'localhost:{port}', '--rdzv-id', f'unicl-{os.getpid()}']
     agents = [_Agent([*rdzv, '--rdzv-conf', f'is_host={host}'], tiny_data, out, str(tmp_path / f'node{host}.log'))

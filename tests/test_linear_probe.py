@@ -3,8 +3,6 @@ LogisticRegressionCV, torch's own SGD and BatchNorm1d), the ELEVATER search grid
 splits, the command line, the feature cache, torchrun."""
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -18,7 +16,7 @@ from evaluation.cache import feature_key
 from evaluation.elevater_probe import ElevaterSettings, first_part_of_each_class, train_heads
 from evaluation.linear_probe import balanced_split, class_folds, few_shot_indices
 from evaluation.search import WeightDecaySearch, search_together
-from tests.conftest import ROOT, TINY_CONFIG, child_env, make_image_folder
+from tests.conftest import TINY_CONFIG, make_image_folder, run_like_torchrun
 
 
 def gaussian_classes(num_classes: int, per_class: int, dim: int, seed: int, spread: float):
@@ -291,16 +289,13 @@ def test_unreadable_training_image_is_named(splits, checkpoint, tmp_path):
         _probe(splits, checkpoint, str(tmp_path / 'out'), str(tmp_path / 'cache'))
 
 
-def test_torchrun_two_processes_match_one(splits, checkpoint, tmp_path):
+def test_two_processes_match_one(splits, checkpoint, tmp_path):
     single = _probe(splits, checkpoint, str(tmp_path / 'single'), str(tmp_path / 'cache1'))
     double = str(tmp_path / 'double')
-    env = child_env(OMP_NUM_THREADS='1')
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                    os.path.join(ROOT, 'evaluate.py'), 'linear-probe', '--cfg', TINY_CONFIG, '--resume', checkpoint,
-                    '--train-path', splits['train'], '--val-path', splits['val'], '--test-path', splits['test'],
-                    '--output', double, '--batch-size', '8', '--num-workers', '0', '--device', 'cpu',
-                    '--cache-dir', str(tmp_path / 'cache2')],
-                   check=True, env=env, cwd=ROOT, timeout=300)
+    run_like_torchrun(evaluate.main, ['linear-probe', '--cfg', TINY_CONFIG, '--resume', checkpoint,
+                                      '--train-path', splits['train'], '--val-path', splits['val'],
+                                      '--test-path', splits['test'], '--output', double, '--batch-size', '8',
+                                      '--num-workers', '0', '--device', 'cpu', '--cache-dir', str(tmp_path / 'cache2')])
     with open(os.path.join(double, 'linear_probe_results.json')) as f:
         two = json.load(f)
     for key in ('num_train', 'num_test', 'weight_decay'):

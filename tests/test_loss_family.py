@@ -3,6 +3,7 @@ references written from the definitions, in one process and in two (gloo); the m
 per loss; the config keys and their refusals; a training step with each new path."""
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -13,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from configs import ConfigError, load_config
 from loss import LOSSES, MixedTargets, SigmoidLoss, UniCLLoss, cat_targets
 from loss.targets import Targets
+from model import build_unicl_model
+from tests.conftest import tiny_config
 from tests.gloo import ddp_average, run_in_gloo_group
-
-# The config, model and training tests import configs, model and training inside: the two spawned
-# processes import this module, and these imports would cost each of them several CPU seconds.
+from training import Trainer
+from training.accumulation import StepParts, accumulate_features
 
 # ---------------------------------------------------------------- dense references (float64, explicit N x N)
 
@@ -272,8 +275,6 @@ def test_two_gloo_processes_compute_the_global_loss_and_its_gradient(tmp_path: P
 
 
 def _model(*opts: str):
-    from model import build_unicl_model
-    from tests.conftest import tiny_config
     return build_unicl_model(tiny_config(*opts))
 
 
@@ -299,13 +300,11 @@ def test_sigmoid_model_starts_at_siglip_scale_and_bias_and_other_losses_keep_rel
     (['MODEL.LOGIT_SCALE_INIT', "'large'"], "MODEL.LOGIT_SCALE_INIT 'large' is invalid: must be null or a number"),
 ])
 def test_bad_combinations_are_refused_naming_the_key(opts: List[str], message: str) -> None:
-    from configs import ConfigError, load_config
     with pytest.raises(ConfigError, match='^config key ' + message.replace('[', r'\[').replace('(', r'\(')):
         load_config(None, opts)
 
 
 def test_mixup_with_smoothing_off_is_accepted_and_label_smoothing_alone_stays_ignored() -> None:
-    from configs import load_config
     config = load_config(None, ['AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'MODEL.LABEL_SMOOTHING', '0.0',
                                 'TRAIN.LOSS', 'sigmoid'])
     assert config.AUG.MIXUP == 0.8
@@ -317,8 +316,6 @@ FAST = ['DATA.IMG_SIZE', '32', 'MODEL.IMAGE_ENCODER.IMG_SIZE', '32', 'TRAIN.WARM
 
 
 def _trainer(*opts: str):
-    from tests.conftest import tiny_config
-    from training import Trainer
     torch.manual_seed(0)
     trainer = Trainer(tiny_config(*FAST, *opts), 0, 1, torch.device('cpu'))
     trainer.build_optimization(steps_per_epoch=100)
@@ -383,9 +380,7 @@ class _Towers(torch.nn.Module):
 
 @pytest.mark.parametrize('name', ['unicl', 'sigmoid'])
 def test_features_accumulation_of_mixed_micro_batches_equals_one_batch(name: str) -> None:
-    import contextlib
 
-    from training.accumulation import StepParts, accumulate_features
     model, criterion = _Towers(bias=name == 'sigmoid'), ours(name, 3)
     g = torch.Generator().manual_seed(11)
     images, texts = (torch.randn(N, 6, generator=g, dtype=torch.float64) for _ in range(2))

@@ -20,9 +20,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import ROOT
+import main
+from tests.conftest import ROOT, run_like_torchrun, run_ranks
 from tests.test_train import _args, _children, _finish, _fit, _run_dir, _trainer
 from training import Trainer
 from training.resume import ResumeError
@@ -66,8 +66,7 @@ def _assert_same_weights(state, reference):
 def two_rank_run(tiny_data, tmp_path_factory):
     """The uninterrupted 2-rank run, with a checkpoint every 2 steps."""
     out = str(tmp_path_factory.mktemp('two_ranks'))
-    code, log = _finish(_torchrun(tiny_data, out, *TWO_RANKS))
-    assert code == 0, log
+    run_like_torchrun(main.main, _args(tiny_data, out, *TWO_RANKS))
     return out
 
 
@@ -183,8 +182,8 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(tiny_data, tmp_path
     shared = str(tmp_path / 'shared')
     shutil.copytree(_run_dir(two_rank_run), _run_dir(shared))
     result = str(tmp_path / 'rank{}.pt')
-    mp.spawn(_resume_in_rank, args=(tiny_data, [shared, str(tmp_path / 'empty')], str(tmp_path / 'init'), result,
-                                    unreadable), nprocs=2, join=True)
+    run_ranks(_resume_in_rank, args=(tiny_data, [shared, str(tmp_path / 'empty')], str(tmp_path / 'init'), result,
+                                     unreadable))
     results = [torch.load(result.format(rank), weights_only=False) for rank in (0, 1)]
     newest = CheckpointManager(_run_dir(shared)).checkpoints()[-1]
     if unreadable:

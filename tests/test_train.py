@@ -12,11 +12,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import main
 from model import build_unicl_model
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, run_ranks
 from training import Trainer
 from utils.checkpoint import CheckpointManager, safe_load
 
@@ -84,7 +83,7 @@ def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_pat
     single.build_optimization(steps_per_epoch=10)
     single.optimizer_step([(images, tokens, labels)])
     result = os.path.join(out, 'rank{}.pt')
-    mp.spawn(_ddp_step, args=(2, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2, join=True)
+    run_ranks(_ddp_step, args=(2, tiny_data, out, str(tmp_path / 'init'), result), nprocs=2)
     rank0, rank1 = (torch.load(result.format(r), weights_only=True) for r in (0, 1))
     reference = single.model.state_dict()
     torch.manual_seed(0)  # as every trainer here

@@ -12,7 +12,7 @@ from data.classnames import imagenet_classnames, resolve_classnames, resolve_tem
 from data.transforms import build_eval_transform
 from model import tokenize
 from torchvision.datasets import ImageFolder
-from tests.conftest import ROOT, TINY_CONFIG, child_env
+from tests.conftest import ROOT, TINY_CONFIG, child_env, run_like_torchrun
 
 
 def _run(folder, checkpoint, out, *extra):
@@ -75,15 +75,13 @@ def test_elevater_logit_scale_multiplies_the_cosines_by_100(color_folder, checkp
         assert b['scores'] == pytest.approx([100 / model_scale * s for s in a['scores']], rel=1e-4, abs=1e-4)
 
 
-def test_torchrun_two_processes_count_each_image_once(color_folder, checkpoint, tmp_path):
+def test_two_processes_count_each_image_once(color_folder, checkpoint, tmp_path):
     single, double = str(tmp_path / 'single'), str(tmp_path / 'double')
     _run(color_folder, checkpoint, single, '--templates', 'single')
-    env = child_env(OMP_NUM_THREADS='1')
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                    os.path.join(ROOT, 'evaluate.py'), 'zeroshot', '--cfg', TINY_CONFIG, '--resume', checkpoint,
-                    '--data-path', color_folder, '--output', double, '--batch-size', '4', '--num-workers', '0',
-                    '--device', 'cpu', '--save-predictions', '--templates', 'single'],
-                   check=True, env=env, cwd=ROOT, timeout=300)
+    run_like_torchrun(evaluate.main, ['zeroshot', '--cfg', TINY_CONFIG, '--resume', checkpoint,
+                                      '--data-path', color_folder, '--output', double, '--batch-size', '4',
+                                      '--num-workers', '0', '--device', 'cpu', '--save-predictions',
+                                      '--templates', 'single'])
     with open(os.path.join(single, 'zeroshot_results.json')) as f1, \
             open(os.path.join(double, 'zeroshot_results.json')) as f2:
         one, two = json.load(f1), json.load(f2)
