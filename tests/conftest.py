@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, List, Sequence
+import sys
+import tempfile
+import traceback
+from typing import Callable, List, NamedTuple, Sequence
 
 import numpy as np
 import pytest
@@ -33,7 +36,8 @@ def run_ranks(fn: Callable, args: Sequence = (), nprocs: int = 2) -> None:
 
 
 def _one_thread(rank: int, fn: Callable, args: tuple) -> None:
-    # The ranks share the cores; and one thread keeps a forked child off the OpenMP pool of its parent.
+    # The ranks share the cores; and a forked child must not use its parent's OpenMP pool (it would wait on it
+    # forever).
     torch.set_num_threads(1)
     fn(rank, *args)
 
@@ -56,6 +60,48 @@ def _torchrun_worker(rank: int, entry: Callable, argv: List[str], world_size: in
     code = entry(argv)
     if isinstance(code, int) and code:
         raise SystemExit(code)
+
+
+class CommandRun(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_command(entry: Callable[[List[str]], object], argv: Sequence[str], timeout: float = 300) -> CommandRun:
+    """A script's command line, `sys.exit(entry(argv))`, in a forked process whose stdout and stderr are files
+    (as when a user redirects the log): its exit code and what it printed. Forked, not started afresh: the
+    script's imports cost 8-10 s of the suite's 2 cores in a new interpreter."""
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        process = torch.multiprocessing.get_context('fork').Process(
+            target=_command_child, args=(entry, list(argv), out.fileno(), err.fileno()))
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise AssertionError(f'{argv} ran for more than {timeout} s')
+        out.seek(0)
+        err.seek(0)
+        return CommandRun(process.exitcode, out.read(), err.read())
+
+
+def _command_child(entry: Callable, argv: List[str], out: int, err: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not use its parent's OpenMP pool (it would wait on it forever)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    sys.stdout, sys.stderr = open(1, 'w', closefd=False), open(2, 'w', closefd=False)
+    try:
+        code = entry(argv)
+        code = code if isinstance(code, int) else 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (stop.code is not None)
+    except BaseException:  # as the interpreter reports an uncaught exception
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not the parent's exit handlers (pytest's among them)
 
 
 def tiny_config(*opts: str):

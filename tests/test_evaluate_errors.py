@@ -2,8 +2,6 @@
 before any checkpoint is loaded (input errors) or any feature is extracted (checkpoint errors)."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import evaluate
 import evaluation.encoder
 from model import build_unicl_model
-from tests.conftest import ROOT, TINY_CONFIG, child_env, make_image_folder, tiny_config
+from tests.conftest import TINY_CONFIG, make_image_folder, run_command, tiny_config
 
 
 def _options(*checkpoints):
@@ -209,9 +207,7 @@ def test_several_checkpoints_without_a_suite(capsys, color_folder, checkpoint, n
 
 
 def test_a_real_run_prints_one_line_and_no_traceback(color_folder, wider_text_checkpoint, tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), *_zeroshot(color_folder,
-                                                                                         wider_text_checkpoint)],
-                         capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=300)
+    run = run_command(evaluate.main, _zeroshot(color_folder, wider_text_checkpoint))
     assert run.returncode == 2
     assert run.stderr.count('\n') == 1 and 'Traceback' not in run.stderr, run.stderr
     assert run.stderr.startswith(f'evaluate.py zeroshot: error: checkpoint {wider_text_checkpoint} does not fit')

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import main
 from model import build_unicl_model
-from tests.conftest import ROOT, TINY_CONFIG, run_ranks
+from tests.conftest import TINY_CONFIG, run_command, run_ranks
 from training import Trainer
 from utils.checkpoint import CheckpointManager, safe_load
 
@@ -96,12 +96,6 @@ def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_pat
     assert moved > len(reference) // 2  # the step really changed the weights
 
 
-def _train(data, out, *opts, flags=()):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *_args(data, out, *opts, flags=flags)],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _finish(process, timeout=300):
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
@@ -146,14 +140,15 @@ def test_eval_and_throughput_modes(tiny_data, tmp_path):
     trainer.save()  # a training checkpoint, as a finished run leaves
     checkpoint = CheckpointManager(_run_dir(str(tmp_path / 'run'))).checkpoints()[-1]
     # A relative VAL_PATH is under DATA_PATH, as the SOURCES paths are.
-    code, log = _finish(_train(tiny_data, str(tmp_path / 'eval'), 'DATA.VAL_PATH', 'zeroshot',
-                               flags=['--eval', '--resume', checkpoint]))
-    assert code == 0, log
+    run = run_command(main.main, _args(tiny_data, str(tmp_path / 'eval'), 'DATA.VAL_PATH', 'zeroshot',
+                                       flags=['--eval', '--resume', checkpoint]))
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log
     assert f"images of {os.path.join(tiny_data, 'zeroshot')}: Acc@1" in log
-    assert '\r' not in log  # a log piped to a file gets no progress-bar fragments
-    code, log = _finish(_train(tiny_data, str(tmp_path / 'tp'), flags=['--throughput']))
-    assert code == 0, log
-    assert 'image encoder: batch 8' in log and 'images/s' in log
+    assert '\r' not in log  # a log redirected to a file gets no progress-bar fragments
+    run = run_command(main.main, _args(tiny_data, str(tmp_path / 'tp'), flags=['--throughput']))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert 'image encoder: batch 8' in run.stdout and 'images/s' in run.stdout
 
 
 def test_missing_val_path_fails_before_training(tiny_data, tmp_path):
