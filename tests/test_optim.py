@@ -47,3 +47,25 @@ def test_warmup_then_cosine_per_step(tiny_model):
     assert seen[20] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 20 / 100)))
     assert all(a >= b for a, b in zip(seen[20:], seen[21:]))  # then cosine decays every step
     assert seen[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd'])
+def test_fused_kernel_where_torch_has_one_with_the_loop_s_update(name):
+    """TRAIN.OPTIMIZER.FUSED: torch's fused kernel (on this CPU from torch 2.4), the same steps as the
+    per-parameter loop up to float rounding; False keeps the loop."""
+    def steps(fused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Linear(16, 4))
+        config = tiny_config('TRAIN.OPTIMIZER.NAME', name, 'TRAIN.OPTIMIZER.FUSED', str(fused))
+        optimizer = build_optimizer(config, model, lr=1e-2)
+        for _ in range(5):
+            model(torch.randint(0, 1000, (32,))).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return optimizer, [p.detach() for p in model.parameters()]
+
+    fused, fused_weights = steps(True)
+    loop, loop_weights = steps(False)
+    assert fused.defaults.get('fused') is True and not loop.defaults.get('fused')
+    for a, b in zip(fused_weights, loop_weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

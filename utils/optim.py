@@ -40,10 +40,21 @@ def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimize
     opt = config.TRAIN.OPTIMIZER
     groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY)
     if opt.NAME == 'adamw':
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS)
+        return _fused_if_possible(torch.optim.AdamW, groups, opt.FUSED, lr=lr, betas=tuple(opt.BETAS), eps=opt.EPS)
     if opt.NAME == 'sgd':
-        return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
+        return _fused_if_possible(torch.optim.SGD, groups, opt.FUSED, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
     raise ValueError(f'TRAIN.OPTIMIZER.NAME {opt.NAME!r} is unknown; known: adamw, sgd')
+
+
+def _fused_if_possible(optimizer: type, groups: List[Dict], fused: bool, **options) -> torch.optim.Optimizer:
+    """`optimizer(..., fused=True)` when asked and torch has the kernel for these parameters (CPU from torch 2.4,
+    CUDA, ...); torch refuses unsupported devices and dtypes when the optimizer is built."""
+    if fused:
+        try:
+            return optimizer(groups, fused=True, **options)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return optimizer(groups, **options)
 
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lrs: ScaledLR) -> Scheduler:
