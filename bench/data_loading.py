@@ -3,6 +3,7 @@
 batch tokenization in the workers).
 
     python bench/data_loading.py [--data demo_data] [--workers 2] [--batch 64] [--samples 2560] [--repeats 3]
+    python bench/data_loading.py --jpeg [...]   # ImageNet-like JPEGs at 224 px: see bench/jpeg_loading.py
 
 Reads the built-in dataset (generated when missing): `labels/train` as an ImageFolder tree and as the zip
 layout, and the captions as webdataset shards. Images/s counts samples delivered to the training loop.
@@ -79,6 +80,10 @@ def torchvision_baseline(config, tokenizer, folder: str, workers: int, batch: in
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if '--jpeg' in argv:
+        from bench.jpeg_loading import main as jpeg_main  # imports this module: here, not at the top
+        return jpeg_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--data', default='demo_data')
     parser.add_argument('--workers', type=int, default=2)

@@ -1,0 +1,318 @@
+"""Loader throughput on ImageNet-like JPEGs (`python bench/data_loading.py --jpeg`): images per second per
+worker core for the official training transform and the evaluation transform, ours against a plain
+torchvision `ImageFolder` + `DataLoader` on the same files, 1 and 2 workers.
+
+    python bench/data_loading.py --jpeg [--jpeg-data demo_data/jpeg_bench] [--count 3000] [--samples 1920]
+                                        [--repeats 3] [--workers 1 2] [--batch 64]
+
+The files come from bench/jpeg_data.py (generated once, then reused). The config is unicl_swin_tiny's
+(224 px; RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 pixel).
+
+Per core, measured two ways, because the machine may be shared: the wall rate divided by the workers,
+and the rate per CPU-second: samples over the CPU time the loader's processes spent in the timed window
+(the workers' user + system time from /proc, plus the main process's own: ours normalises there). The
+first batch (worker start-up) is not timed; every case runs `--repeats` times, the cases interleaved
+(a rotating order), and the table gives medians.
+
+Training cases: torchvision (the whole official transform on a full decode, a prompt per sample
+tokenised in the workers); ours as shipped for a CPU device (reduced-scale decode, the workers normalise
+whole batches); ours with a full decode (DATA.REDUCED_DECODE False); ours as on a GPU (the workers send
+uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
+CPU); ours with the float end of the transform per image in the workers (the path before
+data/normalize.py). Evaluation cases: torchvision
+`ImageFolder` and ours (evaluation/data.py's ImageList in a sharded loader), both with the official
+validation transform (Resize 256 bicubic, CenterCrop 224).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from timm.data.transforms import MaybeToTensor  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import transforms  # noqa: E402
+from torchvision.datasets import ImageFolder  # noqa: E402
+
+from bench.common import machine, markdown_table, write_results  # noqa: E402
+from bench.data_loading import torchvision_baseline, warm_page_cache  # noqa: E402
+from bench.jpeg_data import ensure_jpegs  # noqa: E402
+from configs import load_config  # noqa: E402
+from data import build_train_loader  # noqa: E402
+from data.crop_decode import CropDecoder, dct_scale  # noqa: E402
+from data.decode import decode_image  # noqa: E402
+from data.normalize import split_tail, stack_images  # noqa: E402
+from data.order import seeded_global_rngs  # noqa: E402
+from data.sources.base import Record  # noqa: E402
+from data.transforms import build_eval_transform, build_train_pipeline, build_train_transform  # noqa: E402
+from evaluation.data import ImageList, image_folder, sharded_loader  # noqa: E402
+from model import build_tokenizer  # noqa: E402
+
+_TICKS = os.sysconf('SC_CLK_TCK')
+
+
+def children_cpu_seconds() -> Dict[int, float]:
+    """user + system CPU seconds of each live child process (the loader's workers), from /proc."""
+    me, seconds = os.getpid(), {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat', encoding='ascii', errors='replace') as f:
+                fields = f.read().rsplit(')', 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # fields: state, ppid, ... utime (12th), stime (13th) from here
+            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return seconds
+
+
+def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
+    """Wall images/s and CPU ms per image (workers, main process) from the second batch to `samples`."""
+    seen, start = 0, None
+    iterator = iter(batches)  # held: leaving a for loop would shut the workers down before they are read
+    while seen < samples:
+        images = next(iterator)[0]
+        if start is None:  # the first batch pays for starting the workers: not counted
+            start, main_start, workers_start = time.perf_counter(), time.process_time(), children_cpu_seconds()
+        else:
+            seen += images.shape[0]
+    wall, main = time.perf_counter() - start, time.process_time() - main_start
+    workers = sum(t - workers_start.get(pid, 0.0) for pid, t in children_cpu_seconds().items())
+    del iterator
+    return {'images_per_sec': seen / wall, 'worker_ms': 1000 * workers / seen, 'main_ms': 1000 * main / seen}
+
+
+def float_from_workers(loader):
+    """Our loader with the float end of the transform back in the workers (the path before
+    data/normalize.py): ToTensor -> Normalize -> RandomErasing there, nothing to finish."""
+    setup = loader.setup
+    steps = list(setup.transform.transforms)
+    tail = steps.pop()
+    steps += [MaybeToTensor(), tail.normalize] + ([tail.erasing] if tail.erasing is not None else [])
+    setup.transform, setup.finish = transforms.Compose(steps), None
+    return loader
+
+
+def uint8_to_main(loader):
+    """Our loader as it runs for a GPU: uint8 batches to the main process, normalised there."""
+    loader.setup.finish_in_workers = False
+    return loader
+
+
+def eval_torchvision(config, folder: str, workers: int, batch: int) -> DataLoader:
+    dataset = ImageFolder(folder, transform=build_eval_transform(config))
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers)
+
+
+def eval_ours(config, folder: str, workers: int, batch: int) -> DataLoader:
+    items = image_folder(folder).paths
+    return sharded_loader(ImageList(items, build_eval_transform(config)), batch, workers, torch.device('cpu'))
+
+
+def decode_scales(config, folder: str, draws: int = 20000) -> Dict[int, float]:
+    """Share of training samples decoded at each DCT scale on these files (boxes drawn from the headers)."""
+    decoder = build_train_pipeline(config).decode
+    if not isinstance(decoder, CropDecoder):
+        return {1: 1.0}
+    paths = image_folder(folder).paths
+    sizes = []
+    for path in paths:
+        with Image.open(path) as image:
+            sizes.append(image.size)
+    counts: Dict[int, int] = {}
+    rng_state = random.getstate()
+    random.seed(0)
+    out_h, out_w = decoder.crop.size
+    for k in range(draws):
+        box, _ = decoder.sample(Image.new('L', sizes[k % len(sizes)]))
+        scale = dct_scale(box[3], box[2], out_w, out_h)
+        counts[scale] = counts.get(scale, 0) + 1
+    random.setstate(rng_state)
+    return {s: counts[s] / draws for s in sorted(counts)}
+
+
+def _records(folder: str, count: int) -> List[Record]:
+    paths = image_folder(folder).paths
+    step = max(1, len(paths) // count)
+    records = []
+    for path in paths[::step][:count]:
+        with open(path, 'rb') as f:
+            records.append(Record(f.read(), path))
+    return records
+
+
+def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, List[float]]:
+    """CPU ms per image of each part of a worker's work, in this process on one thread, every variant run
+    on the same images with the same seeds and the variants alternated `repeats` times (medians): a
+    paired comparison that the machine's load moves less than it moves whole loader runs."""
+    torch.set_num_threads(1)  # as in a loader worker
+    records = _records(folder, count)
+    official = build_train_transform(config)
+    assert len(official.transforms) == 6, official  # crop, flip, RandAugment, to tensor, normalise, erase
+    crop, middle = official.transforms[0], transforms.Compose(official.transforms[1:-3])
+    float_tail = transforms.Compose(official.transforms[-3:])
+    reduced = CropDecoder(crop)
+    _, deferred, finish = split_tail(official.transforms[1:])
+    cropped = [crop(decode_image(r)) for r in records]
+    augmented = [middle(image) for image in cropped]
+    batch = 64
+
+    def batches(outputs_of: Callable) -> None:
+        # stack + share_memory_: what a worker does to hand a batch to the main process
+        for start in range(0, len(augmented), batch):
+            outputs_of(augmented[start:start + batch])
+
+    def float_per_image(images):
+        torch.stack([float_tail(image) for image in images]).share_memory_()
+
+    def uint8_finished_in_worker(images):
+        finish(*stack_images([deferred(image) for image in images])).share_memory_()
+
+    def uint8_sent(images):
+        stack_images([deferred(image) for image in images])[0].share_memory_()
+
+    variants: Dict[str, Callable[[], None]] = {
+        'decode + crop: full decode, timm crop': lambda: [crop(decode_image(r)) for r in records],
+        'decode + crop: reduced-scale decode (ours)': lambda: [reduced(r) for r in records],
+        'flip + RandAugment (the same in both)': lambda: [middle(image) for image in cropped],
+        'to tensor, normalise, erase, stack, share: float per image': lambda: batches(float_per_image),
+        'the same: uint8, batch normalised in the worker (ours, CPU device)': lambda: batches(
+            uint8_finished_in_worker),
+        'the same: uint8 sent, normalised on the device (ours, GPU)': lambda: batches(uint8_sent),
+    }
+    costs: Dict[str, List[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        names = list(variants)
+        for name in (names if repeat % 2 == 0 else names[::-1]):
+            with seeded_global_rngs(repeat):
+                start = time.process_time()
+                variants[name]()
+                costs[name].append(1000 * (time.process_time() - start) / len(records))
+            print(f'repeat {repeat}: {name}: {costs[name][-1]:.2f} ms/image', flush=True)
+    pixels, erasing = stack_images([deferred(image) for image in augmented[:batch]])
+    costs['(GPU path, on a CPU device: normalising the uint8 batch in the main process)'] = []
+    for _ in range(repeats):
+        start = time.process_time()
+        finish(pixels, erasing)
+        costs['(GPU path, on a CPU device: normalising the uint8 batch in the main process)'].append(
+            1000 * (time.process_time() - start) / len(pixels))
+    return costs
+
+
+# (variant, the official one it replaces): their cost ratio is taken within each repeat (a paired ratio).
+COMPONENT_PAIRS = {
+    'decode + crop: reduced-scale decode (ours)': 'decode + crop: full decode, timm crop',
+    'the same: uint8, batch normalised in the worker (ours, CPU device)':
+        'to tensor, normalise, erase, stack, share: float per image',
+    'the same: uint8 sent, normalised on the device (ours, GPU)':
+        'to tensor, normalise, erase, stack, share: float per image',
+}
+
+
+def component_table(costs: Dict[str, List[float]]) -> List[List[str]]:
+    rows = []
+    for name, values in costs.items():
+        reference = COMPONENT_PAIRS.get(name)
+        ratio = ''
+        if reference:
+            ratio = f'{statistics.median(r / v for r, v in zip(costs[reference], values)):.2f}x'
+        rows.append([name, f'{statistics.median(values):.2f}', f'{min(values):.2f}-{max(values):.2f}', ratio])
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--jpeg', action='store_true', help='(the flag that selects this benchmark)')
+    parser.add_argument('--jpeg-data', default=os.path.join(ROOT, 'demo_data', 'jpeg_bench'))
+    parser.add_argument('--count', type=int, default=3000, help='JPEGs generated (once)')
+    parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--samples', type=int, default=1920, help='samples timed per case and repeat')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--only', nargs='*', default=None, help='case names to run (default: all)')
+    parser.add_argument('--components', type=int, default=0, metavar='N',
+                        help='instead: the CPU cost of each part of the training transform on N images')
+    args = parser.parse_args(argv)
+    manifest = ensure_jpegs(args.jpeg_data, args.count)
+    folder = os.path.join(args.jpeg_data, 'train')
+    if args.components:
+        config = load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'), [])
+        costs = component_costs(config, folder, args.components, max(args.repeats, 3))
+        print(markdown_table(['part of a worker\'s work', 'CPU ms per image (median)', 'range',
+                              'speed-up over the official (median of paired ratios)'], component_table(costs)))
+        print('results:', write_results('jpeg_components', {
+            'machine': machine(), 'data': manifest, 'images': args.components, 'repeats': max(args.repeats, 3),
+            'load_average_at_end': os.getloadavg(), 'ms_per_image': costs}))
+        return
+    if args.samples + 2 * args.batch > args.count:
+        raise SystemExit(f'--samples {args.samples} needs more than {args.count} images (--count)')
+
+    def config_for(workers: int, *opts: str):
+        return load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'), [
+            'DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', str(args.batch),
+            'DATA.DATA_PATH', args.jpeg_data, 'DATA.EPOCH_SAMPLES', str(args.samples + 2 * args.batch),
+            'DATA.SOURCES', "[{'TYPE': 'imagefolder', 'PATH': '.'}]", *opts])
+
+    base = config_for(1)
+    tokenizer = build_tokenizer(base.MODEL.TEXT_ENCODER)
+    makers: Dict[Tuple[str, str], Callable[[int], Iterable]] = {
+        ('train', 'torchvision'): lambda w: torchvision_baseline(config_for(w), tokenizer, folder, w, args.batch),
+        ('train', 'ours'): lambda w: build_train_loader(config_for(w), tokenizer, 0, 1),
+        ('train', 'ours, full decode'): lambda w: build_train_loader(
+            config_for(w, 'DATA.REDUCED_DECODE', 'False'), tokenizer, 0, 1),
+        ('train', 'ours, uint8 to main (GPU path)'): lambda w: uint8_to_main(
+            build_train_loader(config_for(w), tokenizer, 0, 1)),
+        ('train', 'ours, float per image'): lambda w: float_from_workers(
+            build_train_loader(config_for(w), tokenizer, 0, 1)),
+        ('eval', 'torchvision'): lambda w: eval_torchvision(base, folder, w, args.batch),
+        ('eval', 'ours'): lambda w: eval_ours(base, folder, w, args.batch),
+    }
+    cases = [(kind, name, w) for (kind, name) in makers for w in args.workers
+             if args.only is None or name in args.only]
+    warm_page_cache(args.jpeg_data)
+    runs: Dict[str, List[Dict[str, float]]] = {}
+    for repeat in range(args.repeats):
+        first = (repeat * 3) % len(cases)
+        for kind, name, workers in cases[first:] + cases[:first]:
+            result = timed_run(makers[(kind, name)](workers), args.samples)
+            key = f'{kind} | {name} | {workers}'
+            runs.setdefault(key, []).append(result)
+            print(f'repeat {repeat}: {key}: {result["images_per_sec"]:.1f} images/s, workers '
+                  f'{result["worker_ms"]:.2f} ms/image, main {result["main_ms"]:.2f} ms/image', flush=True)
+
+    medians = {key: {m: statistics.median(r[m] for r in results) for m in results[0]}
+               for key, results in runs.items()}
+    rows = []
+    for key, m in medians.items():
+        kind, name, workers = key.split(' | ')
+        per_cpu = 1000 / (m['worker_ms'] + m['main_ms'])
+        reference = medians.get(f'{kind} | torchvision | {workers}')
+        ratio = ''
+        if reference:
+            ratio = f"{per_cpu * (reference['worker_ms'] + reference['main_ms']) / 1000:.2f}x"
+        rows.append([kind, name, workers, f"{m['images_per_sec']:.0f}", f"{m['images_per_sec'] / int(workers):.0f}",
+                     f"{m['worker_ms']:.2f}", f"{m['main_ms']:.2f}", f'{per_cpu:.0f}', ratio])
+    print(markdown_table(['transform', 'loader', 'workers', 'images/s (wall)', 'per worker (wall)',
+                          'worker CPU ms/image', 'main CPU ms/image', 'images per CPU-second',
+                          'vs torchvision (per CPU-second)'], rows))
+    scales = decode_scales(base, folder)
+    print('training samples per DCT scale:', {f'1/{s}': f'{share:.1%}' for s, share in scales.items()})
+    print('results:', write_results('jpeg_loading', {
+        'machine': machine(), 'data': manifest, 'decode_scales': scales,
+        'settings': {'batch': args.batch, 'samples': args.samples, 'repeats': args.repeats,
+                     'config': 'unicl_swin_tiny', 'load_average_at_end': os.getloadavg()},
+        'medians': medians, 'runs': runs}))
+
+
+if __name__ == '__main__':
+    main()
