@@ -17,6 +17,7 @@ from torchvision import transforms
 
 from configs import ConfigError
 from configs.validation import validate_config
+from data import build_train_loader
 from data.crop_decode import CropDecoder, dct_scale
 from data.decode import decode_image
 from data.normalize import ImageFinisher, split_tail, stack_images
@@ -170,8 +171,8 @@ def test_normalising_after_the_copy_is_bit_identical(mode: str, count: int):
     assert torch.equal(finish(pixels, erasing, torch.device('cpu')), reference)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_normalising_on_cuda_matches_the_cpu():
+@pytest.mark.cuda  # run by bench/device_check.sh on a lent GPU; skipped here (tests/conftest.py)
+def test_normalising_on_cuda_matches_the_cpu(tiny_data, tokenizer):
     # CUDA divides by a scalar through its reciprocal: equal to float32 rounding, not always bit for bit.
     images = [_textured(48, 40, seed) for seed in range(4)]
     _, tail, finish = split_tail(_official_tail('pixel', 1))
@@ -180,6 +181,13 @@ def test_normalising_on_cuda_matches_the_cpu():
     on_cpu = finish(pixels, erasing, torch.device('cpu'))
     on_cuda = finish(pixels.pin_memory(), erasing, torch.device('cuda'))
     assert on_cuda.device.type == 'cuda' and torch.allclose(on_cuda.cpu(), on_cpu, rtol=1e-6, atol=1e-6)
+    # The loader for a GPU: uint8 batches pinned by the DataLoader, normalised on the GPU after the copy.
+    config = data_config(tiny_data, [LABELS, TABLE], batch_size=4, num_workers=1, EPOCH_SAMPLES=8, PIN_MEMORY=True)
+    reference = epoch_batches(loader_for(config, tokenizer), 0)
+    for_gpu = build_train_loader(config, tokenizer, 0, 1, device=torch.device('cuda'))
+    assert for_gpu.pin_memory and not for_gpu.setup.finish_in_workers
+    for (images, *_), (expected, *_) in zip(epoch_batches(for_gpu, 0), reference):
+        assert images.device.type == 'cuda' and torch.allclose(images.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _batch(pipeline_decode, transform, finish, recs: List[Record], seed: int) -> torch.Tensor:
