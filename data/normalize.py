@@ -7,7 +7,9 @@ quarter of the bytes) and timm's RandomErasing runs with its own code and random
 instead of the image, keeping only the patches it would write (their place and their values, drawn in the
 worker as before). `ImageFinisher`, applied right after the (pinned, non-blocking) copy to the device,
 does ToTensor's /255 and Normalize's (x - mean) / std with the same float32 operations in the same order
-and pastes the patches in order: the batch is bit for bit the one the float path builds.
+and pastes the patches in order: the batch is bit for bit the one the float path builds (on a GPU equal
+to float32 rounding: CUDA divides by a scalar through its reciprocal). For a CPU device the workers apply
+ImageFinisher to their whole batch themselves (data/build.py): cheaper than image by image, nothing to copy.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import MaybeToTensor
 from torchvision import transforms
 
 # One erased patch: (rows, columns) slices of the image and the float values RandomErasing wrote there.
@@ -60,23 +63,17 @@ class DeferredTail:
 
 def split_tail(steps: Sequence) -> Optional[Tuple[List, DeferredTail, 'ImageFinisher']]:
     """(steps before, DeferredTail, ImageFinisher) when `steps` end in ToTensor -> Normalize
-    [-> RandomErasing] on float32, as timm's training transform does; else None."""
+    [-> RandomErasing], as timm's training transform does; else None (the float path stays)."""
     steps = list(steps)
     erasing = steps.pop() if steps and isinstance(steps[-1], RandomErasing) else None
-    if len(steps) < 2 or type(steps[-2]) not in _TO_TENSOR or not isinstance(steps[-1], transforms.Normalize):
+    if len(steps) < 2 or type(steps[-2]) not in (transforms.ToTensor, MaybeToTensor) \
+            or not isinstance(steps[-1], transforms.Normalize):
         return None
+    if erasing is not None and str(erasing.device) != 'cpu':
+        return None  # its patches would be drawn on that device in the workers; timm's training one is 'cpu'
     normalize = steps[-1]
-    if normalize.inplace or (erasing is not None and erasing.num_splits > 1):
-        return None  # never built by create_transform for training; the float path handles them as they are
     return steps[:-2], DeferredTail(normalize, erasing), ImageFinisher(normalize.mean, normalize.std)
 
-
-def _to_tensor_types() -> Tuple[type, ...]:
-    from timm.data.transforms import MaybeToTensor
-    return transforms.ToTensor, MaybeToTensor
-
-
-_TO_TENSOR = _to_tensor_types()
 
 TransformOutput = Union[torch.Tensor, Tuple[torch.Tensor, List[Patch]]]
 

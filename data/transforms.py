@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 
 from .crop_decode import CropDecoder
 from .decode import decode_image
-from .normalize import ImageFinisher, split_tail
+from .normalize import split_tail
 from .sources.base import Record
 
 _INTERPOLATION = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
@@ -96,7 +96,7 @@ class TrainPipeline:
     right after the copy to the device): the stacked batch -> normalised float32 on the device."""
     decode: Callable[[Record], Image.Image]
     transform: Callable
-    finish: Callable
+    finish: Optional[Callable]  # None: the transform ends in float tensors, finished in the workers
 
 
 def build_train_pipeline(config) -> TrainPipeline:
@@ -114,6 +114,6 @@ def build_train_pipeline(config) -> TrainPipeline:
         decode = CropDecoder(steps.pop(0))
     split = split_tail(steps)
     if split is None:
-        return TrainPipeline(decode, transforms.Compose(steps), ImageFinisher([0.0], [1.0]))
+        return TrainPipeline(decode, transforms.Compose(steps), None)
     head, tail, finish = split
     return TrainPipeline(decode, transforms.Compose(head + [tail]), finish)
