@@ -92,8 +92,9 @@ def build_train_transform(config) -> Callable:
 class TrainPipeline:
     """The official training transform as the loader applies it, in three places:
     decode (worker): record -> PIL image the transform starts from; transform (worker): that image ->
-    a float tensor or, with a DeferredTail last, (uint8 tensor, erased patches); finish (training process,
-    right after the copy to the device): the stacked batch -> normalised float32 on the device."""
+    a float tensor or, with a DeferredTail last, (uint8 tensor, erased patches); finish (the training
+    process right after the copy to a GPU, or the workers for a CPU device): the stacked batch ->
+    normalised float32 on the device."""
     decode: Callable[[Record], Image.Image]
     transform: Callable
     finish: Optional[Callable]  # None: the transform ends in float tensors, finished in the workers
