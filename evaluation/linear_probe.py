@@ -53,6 +53,7 @@ class ProbeSettings:
     seeds: Sequence[int] = (0,)  # one run per seed: the few-shot sample and the default protocol's hold-out split
     max_iterations: int = MAX_ITERATIONS  # default protocol: L-BFGS iterations per fit
     search_folds: int = 5  # default protocol without a test split: cross-validation folds of its search
+    warm_start: bool = True  # default protocol: each fit starts at the nearest weight decay's solution
     elevater: ElevaterSettings = field(default_factory=ElevaterSettings)
 
 
@@ -206,22 +207,40 @@ def default_probe(train: Split, search_splits: Sequence[Tuple[Split, Split]], te
     search = WeightDecaySearch(*DEFAULT_WEIGHT_DECAY_RANGE)
     visited: List[Dict[str, float]] = []
 
+    fitted: List[Dict[int, LinearHead]] = [{} for _ in search_splits]  # per fold: grid index -> its head
+
+    def start(fold: int, index: int) -> Optional[LinearHead]:
+        """The warm start of a fit: the fold's head at the nearest weight decay fit so far (the stronger one
+        on a tie); None (the prior) for the first."""
+        if not settings.warm_start or not fitted[fold]:
+            return None
+        return fitted[fold][min(fitted[fold], key=lambda i: (abs(i - index), -i))]
+
     def score(pairs: List[Tuple[int, int]]) -> List[float]:
-        values = []
-        for _, index in pairs:
-            heads = [fit_logistic(*fit, num_classes, search.grid[index], prior, max_iterations=settings.max_iterations)
-                     for fit, _ in search_splits]
-            values.append(statistics.fmean(metric_fn(head.scores(held[0]), held[1].cpu())
-                                           for head, (_, held) in zip(heads, search_splits)))
-            visited.append({'weight_decay': search.grid[index], 'value': values[-1]})
-        return values
+        values = {}
+        # From the strongest weight decay down: each fit starts at a solution of the same fold that is close.
+        for index in sorted({index for _, index in pairs}, reverse=True):
+            folds = []
+            for fold, (fit, held) in enumerate(search_splits):
+                head = fit_logistic(*fit, num_classes, search.grid[index], prior,
+                                    max_iterations=settings.max_iterations, init=start(fold, index))
+                fitted[fold][index] = head
+                folds.append(metric_fn(head.scores(held[0]), held[1].cpu()))
+            values[index] = statistics.fmean(folds)
+        visited.extend({'weight_decay': search.grid[index], 'value': values[index]} for _, index in pairs)
+        return [values[index] for _, index in pairs]
 
     search_together([search], score)
     weight_decay, _ = search.best
     if weight_decay in (search.grid[0], search.grid[-1]):
         logger.warning(f'linear probe: the weight decay search chose the edge of its grid ({weight_decay:g}); '
                        'the best value may lie beyond it')
-    head = fit_logistic(*train, num_classes, weight_decay, prior, max_iterations=settings.max_iterations)
+    # The final fit starts at the mean of the folds' heads for the chosen weight decay (as scikit-learn's refit).
+    peak = search.peak_index % len(search.grid)  # -1 (nothing scored above 0) is the last point
+    chosen = [fitted[fold][peak] for fold in range(len(search_splits))]
+    init = (LinearHead(torch.stack([h.weight for h in chosen]).mean(0), torch.stack([h.bias for h in chosen]).mean(0))
+            if settings.warm_start else None)
+    head = fit_logistic(*train, num_classes, weight_decay, prior, max_iterations=settings.max_iterations, init=init)
     scores, targets = head.scores(test[0]), test[1].cpu()
     return LinearProbeResult('default', 'final_head', metric, metric_fn(scores, targets), accuracy(scores, targets),
                              None, weight_decay, seed, len(train[1]), len(search_splits[0][0][1]),

@@ -11,6 +11,7 @@ import torch
 
 import evaluate
 import evaluation.encoder
+import evaluation.logistic
 from evaluation import Encoder, ProbeSettings, probe_features, run_linear_probe, run_zeroshot
 from evaluation.cache import feature_key
 from evaluation.elevater_probe import ElevaterSettings, first_part_of_each_class, train_heads
@@ -32,21 +33,81 @@ def gaussian_classes(num_classes: int, per_class: int, dim: int, seed: int, spre
 # ----------------------------------------------------------------------------------------------------
 # The default protocol against scikit-learn
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_default_protocol_within_half_a_point_of_logistic_regression_cv():
-    """A hard generated case (overlapping classes, well below 100 %): the probe searched on a hold-out of
-    train and refit, against LogisticRegressionCV (5-fold CV over its C grid) on the same train/test split."""
+    """A hard generated case (overlapping classes, well below 100 %): the probe cross-validated on train and
+    refit, against LogisticRegressionCV (5-fold CV over its C grid) on the same train, both scored on the same
+    10,000 test images, so the paired difference's standard error (printed) is far below the 0.5 points."""
     from sklearn.linear_model import LogisticRegressionCV
 
-    train, test = gaussian_classes(10, 60, 64, 0, spread=3.0), gaussian_classes(10, 60, 64, 1, spread=3.0)
+    train, test = gaussian_classes(10, 60, 64, 0, spread=3.0), gaussian_classes(10, 1000, 64, 1, spread=3.0)
     report = probe_features({'train': train, 'val': test}, 10, 'accuracy', ProbeSettings())
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         reference = LogisticRegressionCV(max_iter=1000).fit(train[0].numpy(), train[1].numpy())
-    sklearn_accuracy = 100 * reference.score(test[0].numpy(), test[1].numpy())
-    assert 30 < sklearn_accuracy < 95  # a case where the regularization matters
-    assert report.value >= sklearn_accuracy - 0.5, (report.value, sklearn_accuracy)
+    sklearn_right = reference.predict(test[0].numpy()) == test[1].numpy()
+    ours_right = (report.runs[0].test_scores.argmax(dim=1) == test[1]).numpy()
+    difference = 100 * (ours_right.astype(float) - sklearn_right).mean()
+    se = 100 * (ours_right.astype(float) - sklearn_right).std(ddof=1) / len(sklearn_right) ** 0.5
+    assert 30 < 100 * sklearn_right.mean() < 95  # a case where the regularization matters
+    assert se < 0.25
+    assert difference >= -0.5, (difference, se)
     assert report.report_rule == 'final_head' and report.runs[0].lr is None
+
+
+def _sklearn_minimizer(x, y, weight_decay):
+    """scikit-learn's multinomial logistic regression solved to 1e-10 by Newton steps: its objective,
+    sum loss + ||W||^2 / (2 C), is ours times n for C = 1 / (weight_decay * n)."""
+    from sklearn.linear_model import LogisticRegression
+    model = LogisticRegression(C=1 / (weight_decay * len(y)), solver='newton-cholesky', tol=1e-10, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        model.fit(x.double().numpy(), y.numpy())
+    return torch.from_numpy(model.coef_), torch.from_numpy(model.intercept_)
+
+
+def _objective(head, x, y, weight_decay):
+    logits = x.double() @ head.weight.T + head.bias
+    return torch.nn.functional.cross_entropy(logits, y).item() + weight_decay / 2 * head.weight.pow(2).sum().item()
+
+
+@pytest.mark.parametrize('weight_decay', [1e-2, 1e-6])
+def test_fit_logistic_reaches_the_minimizer(weight_decay):
+    """Features as embeddings are (unit norm, a large common component, a few directions of large variance,
+    many of almost none): the fit reaches scikit-learn's Newton solution, also weakly regularized. Measured
+    at weight decay 1e-6: objective 1.7e-6 above Newton's (relative), weights within 0.17 % of its largest;
+    plain L-BFGS on the raw features (the solver before the preconditioner) stopped at 1.5e-5 and 0.5 %.
+    Softmax logits are defined up to a constant per image, so the heads are compared with their class means
+    removed."""
+    from evaluation.logistic import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -3, 32, dtype=torch.float64)
+    labels = torch.arange(6).repeat_interleave(40)
+    centers = torch.randn(6, 32, generator=g, dtype=torch.float64) * scales
+    features = centers[labels] + torch.randn(240, 32, generator=g, dtype=torch.float64) * scales * 0.8
+    features[:, 0] += 3.0  # the common component
+    features = torch.nn.functional.normalize(features, dim=1)
+    head = fit_logistic(features, labels, 6, weight_decay)
+    weight, bias = _sklearn_minimizer(features, labels, weight_decay)
+    reference = evaluation.logistic.LinearHead(weight, bias)
+    optimum = _objective(reference, features, labels, weight_decay)
+    assert _objective(head, features, labels, weight_decay) <= optimum * (1 + 3e-6)
+    torch.testing.assert_close(head.weight - head.weight.mean(0), weight - weight.mean(0),
+                               atol=3e-3 * weight.abs().max(), rtol=0)
+
+
+def test_warm_start_reaches_the_same_head():
+    """A fit that starts at another weight decay's solution (the search's warm start) ends at the same head."""
+    from evaluation.logistic import fit_logistic
+
+    features, labels = gaussian_classes(5, 30, 16, 0, spread=2.0)
+    cold = fit_logistic(features, labels, 5, 1e-3)
+    warm = fit_logistic(features, labels, 5, 1e-3, init=fit_logistic(features, labels, 5, 1e-1))
+    x = features.double()
+    assert _objective(warm, x, labels, 1e-3) == pytest.approx(_objective(cold, x, labels, 1e-3), rel=1e-9)
+    scale = cold.weight.abs().max()
+    torch.testing.assert_close(warm.weight, cold.weight, atol=1e-4 * scale, rtol=0)
+    torch.testing.assert_close(warm.bias - warm.bias.mean(), cold.bias - cold.bias.mean(), atol=1e-4 * scale, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
