@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a lent GPU machine (about 8 minutes on one H200), each logged under $WORK:
-#   versions     torch, CUDA device, timm, transformers, pillow as the machine has them
-#   cuda_tests   the tests marked `cuda` (features vs CPU, bf16 steps, the tiled loss vs the dense definition)
-#   train_nccl   3 epochs of the tiny model on the built-in data in bf16 through torchrun (NCCL, DDP, pinned
-#                memory, loader workers, zero-shot validation each epoch)
-#   train_fp16   1 epoch in fp16 with the GradScaler
-#   zeroshot     evaluate.py on the trained checkpoint (bf16 by default on CUDA)
-#   gpu_bench    bench/gpu.py: Swin-T at the largest batch that fits, images/s, peak memory, MFU
-#   train_step   bench/train_step.py --quick: the CUDA rows of the train-step table
+# The GPU checks in one run, for a lent GPU machine (about 8 minutes on one H200), each logged under $WORK;
+# the times are estimates (no GPU has run the whole script yet):
+#   versions       torch, CUDA device, timm, transformers, pillow as the machine has them             ~10 s
+#   cuda_tests     the tests marked `cuda` (features vs CPU, bf16 steps, the tiled loss vs dense)     ~45 s
+#   data           the built-in data set, small scale                                                 ~20 s
+#   train_nccl     3 epochs of the tiny model on the built-in data in bf16 through torchrun (NCCL,    ~75 s
+#                  DDP, pinned memory, loader workers, zero-shot validation each epoch)
+#   train_fp16     1 epoch in fp16 with the GradScaler                                                ~30 s
+#   zeroshot       evaluate.py on the trained checkpoint (bf16 by default on CUDA)                    ~20 s
+#   gpu_bench      bench/gpu.py: Swin-T at the largest batch that fits, images/s, peak memory, MFU    ~90 s
+#   train_step     bench/train_step.py --quick --device cuda: the CUDA rows of the train-step table   ~60 s
+#                  (bf16, fused AdamW where utils/optim.py builds it); the CPU rows are measured on the
+#                  project's own machine, not here
+#   train_compile  bench/train_step.py --compile --quick --device cuda: each config eager and with   ~120 s
+#                  TRAIN.COMPILE (inductor), bf16: first step (the compilation) and steady images/s;
+#                  stopped after COMPILE_LIMIT seconds, so a slow compilation cannot take the run's time
+#   gpu_decode   bench/data_loading.py --jpeg --decode-device cpu cuda: loader images/s at 4 and 8 workers with
+#                DATA.DECODE_DEVICE cpu vs cuda (nvJPEG batches, data/gpu_decode.py), to set against train_step
+# All steps come to about 10-11 minutes by these estimates, past one device call's 600 s: run them as two
+# calls on the same warm machine (the second keeps the first's data and logs; each returns its summary).
 #
 #   bash bench/device_wheels.sh                                        # here, once: wheels into .whl/
-#   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
+#   run(command="ONLY='cuda_tests data train_nccl train_fp16 zeroshot gpu_bench' bash bench/device_check.sh",
+#       carry=[".whl"], timeout_s=540)
+#   run(command="ONLY='train_step train_compile gpu_decode' bash bench/device_check.sh", carry=[".whl"],
+#       timeout_s=540)
 #
 # Everything is written under WORK (default /tmp/device_check); OUT (default output/device_check) receives
 # summary.txt and device_check.tar.gz (the logs, JSON results and tensorboard events, no checkpoints), as the
@@ -27,7 +41,14 @@ export PYTHONUNBUFFERED=1 BENCH_RESULTS=$WORK
 mkdir -p "$OUT" "$WORK" && : > "$WORK/summary.txt"
 DATA=$WORK/data
 GPU_BENCH_ARGS=()
-[ "${SMOKE:-0}" = 1 ] && GPU_BENCH_ARGS=(--device cpu --config unicl_tiny --batch 4 --steps 2)
+STEP_ARGS=(--device cuda)
+COMPILE_LIMIT=240  # seconds; a compilation that takes longer is reported as a timeout (exit 124)
+if [ "${SMOKE:-0}" = 1 ]; then
+    GPU_BENCH_ARGS=(--device cpu --config unicl_tiny --batch 4 --steps 2)
+    # The CPU rows of the tiny config only: inductor compiles Swin-T for many minutes on a small CPU.
+    STEP_ARGS=(--device cpu --config unicl_tiny)
+    COMPILE_LIMIT=900
+fi
 
 if [ -d .whl ] && compgen -G '.whl/*.whl' > /dev/null; then  # the requirements the machine's image lacks
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/device_site \
@@ -59,11 +80,17 @@ run zeroshot $PY evaluate.py zeroshot --cfg configs/unicl_tiny_builtin.yaml --da
     --resume "$(ls "$WORK"/runs/unicl_tiny/bf16/checkpoint_*.pth 2>/dev/null | tail -n 1)" \
     --output "$WORK/zeroshot"
 run gpu_bench $PY bench/gpu.py "${GPU_BENCH_ARGS[@]}"
-run train_step $PY bench/train_step.py --quick
+run train_step $PY bench/train_step.py --quick "${STEP_ARGS[@]}"
+run train_compile timeout $COMPILE_LIMIT $PY bench/train_step.py --compile --quick "${STEP_ARGS[@]}"
+DECODE_ARGS=(--workers 4 8 --count 800 --samples 512 --repeats 1)  # ~15 s of it generating the JPEGs
+[ "${SMOKE:-0}" = 1 ] && DECODE_ARGS=(--workers 1 --count 200 --samples 64 --batch 32 --repeats 1)
+run gpu_decode $PY bench/data_loading.py --jpeg --jpeg-data "$DATA/jpeg_bench" --decode-device cpu cuda "${DECODE_ARGS[@]}"
 {  # steps that did not run leave no logs: their lines are left out
     grep -h "zero-shot on\|epoch .* done\|Traceback\|Error" "$WORK/train_nccl.log" "$WORK/train_fp16.log" 2>/dev/null | tail -12
-    tail -n 3 "$WORK/zeroshot.log" "$WORK/gpu_bench.log" 2>/dev/null
-    tail -n 12 "$WORK/train_step.log" 2>/dev/null
+    tail -n 3 "$WORK/zeroshot.log" 2>/dev/null
+    grep -h -A 2 '^| config' "$WORK/gpu_bench.log" 2>/dev/null  # the MFU table
+    grep -h '^|' "$WORK/train_step.log" "$WORK/train_compile.log" 2>/dev/null
+    grep -h "^| train" "$WORK/gpu_decode.log" 2>/dev/null
 } >> "$WORK/summary.txt"
 cp "$WORK/summary.txt" "$OUT/"
 tar -czf "$OUT/device_check.tar.gz" -C "$WORK" --exclude='*.pth' --exclude=data .

@@ -3,7 +3,7 @@ worker core for the official training transform and the evaluation transform, ou
 torchvision `ImageFolder` + `DataLoader` on the same files, 1 and 2 workers.
 
     python bench/data_loading.py --jpeg [--jpeg-data demo_data/jpeg_bench] [--count 3000] [--samples 1920]
-                                        [--repeats 3] [--workers 1 2] [--batch 64]
+                                        [--repeats 3] [--workers 1 2] [--batch 64] [--decode-device cpu cuda]
 
 The files come from bench/jpeg_data.py (generated once, then reused). The config is unicl_swin_tiny's
 (224 px; RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 pixel).
@@ -22,6 +22,11 @@ CPU); ours with the float end of the transform per image in the workers (the pat
 data/normalize.py). Evaluation cases: torchvision
 `ImageFolder` and ours (evaluation/data.py's ImageList in a sharded loader), both with the official
 validation transform (Resize 256 bicubic, CenterCrop 224).
+
+`--decode-device cpu cuda` times instead the training loader with DATA.DECODE_DEVICE cpu (workers decode,
+uint8 normalised on the GPU) and cuda (workers send the files' bytes, the GPU decodes: data/gpu_decode.py),
+both without RandAugment and colour jitter (the cuda path cannot run them), onto the GPU; on a machine
+without CUDA the cuda case runs its CPU fallback (decode_jpeg on the CPU in the main process).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from configs import load_config  # noqa: E402
 from data import build_train_loader  # noqa: E402
 from data.crop_decode import CropDecoder, dct_scale  # noqa: E402
 from data.decode import decode_image  # noqa: E402
+from data.gpu_decode import build_batched_decode_pipeline  # noqa: E402
 from data.normalize import split_tail, stack_images  # noqa: E402
 from data.order import seeded_global_rngs  # noqa: E402
 from data.sources.base import Record  # noqa: E402
@@ -86,6 +92,8 @@ def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
             start, main_start, workers_start = time.perf_counter(), time.process_time(), children_cpu_seconds()
         else:
             seen += images.shape[0]
+    if images.is_cuda:  # the batches are decoded / normalised on the GPU asynchronously: count them done
+        torch.cuda.synchronize()
     wall, main = time.perf_counter() - start, time.process_time() - main_start
     workers = sum(t - workers_start.get(pid, 0.0) for pid, t in children_cpu_seconds().items())
     del iterator
@@ -107,6 +115,29 @@ def uint8_to_main(loader):
     """Our loader as it runs for a GPU: uint8 batches to the main process, normalised there."""
     loader.setup.finish_in_workers = False
     return loader
+
+
+def decoding_on(config, tokenizer, decode_device: str):
+    """Our loader as DATA.DECODE_DEVICE `decode_device` trains, onto the GPU when there is one. Without one,
+    'cuda' runs its code with decode_jpeg on the CPU in the main process (data/gpu_decode.py's fallback)."""
+    if torch.cuda.is_available():
+        return build_train_loader(config_with(config, decode_device), tokenizer, 0, 1, device=torch.device('cuda'))
+    loader = build_train_loader(config, tokenizer, 0, 1)
+    if decode_device == 'cuda':
+        pipeline = build_batched_decode_pipeline(config_with(config, 'cuda'))
+        setup = loader.setup
+        setup.decode, setup.transform, setup.finish, setup.stack = (pipeline.decode, pipeline.transform,
+                                                                    pipeline.finish, pipeline.stack)
+        setup.finish_in_workers = False
+    return loader
+
+
+def config_with(config, decode_device: str):
+    config = config.clone()
+    config.defrost()
+    config.DATA.DECODE_DEVICE = decode_device
+    config.freeze()
+    return config
 
 
 def eval_torchvision(config, folder: str, workers: int, batch: int) -> DataLoader:
@@ -240,6 +271,10 @@ def main(argv=None) -> None:
     parser.add_argument('--samples', type=int, default=1920, help='samples timed per case and repeat')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--only', nargs='*', default=None, help='case names to run (default: all)')
+    parser.add_argument('--decode-device', nargs='+', choices=['cpu', 'cuda'], default=None,
+                        help='instead: training loaders with DATA.DECODE_DEVICE each of these (no RandAugment or '
+                             'colour jitter, which the cuda path cannot run; on a machine without CUDA, cuda is '
+                             'its CPU fallback)')
     parser.add_argument('--components', type=int, default=0, metavar='N',
                         help='instead: the CPU cost of each part of the training transform on N images')
     args = parser.parse_args(argv)
@@ -277,6 +312,12 @@ def main(argv=None) -> None:
         ('eval', 'torchvision'): lambda w: eval_torchvision(base, folder, w, args.batch),
         ('eval', 'ours'): lambda w: eval_ours(base, folder, w, args.batch),
     }
+    if args.decode_device:
+        no_pil_augment = ('AUG.AUTO_AUGMENT', 'none', 'AUG.COLOR_JITTER', '0.0')
+        fallback = '' if torch.cuda.is_available() else ' (no CUDA: decode_jpeg on the CPU)'
+        makers = {('train', f'ours, DECODE_DEVICE {d}' + (fallback if d == 'cuda' else '')): (
+            lambda w, d=d: decoding_on(config_for(w, *no_pil_augment), tokenizer, d)) for d in args.decode_device}
+        base = config_for(1, *no_pil_augment)
     cases = [(kind, name, w) for (kind, name) in makers for w in args.workers
              if args.only is None or name in args.only]
     warm_page_cache(args.jpeg_data)
@@ -310,6 +351,7 @@ def main(argv=None) -> None:
     print('results:', write_results('jpeg_loading', {
         'machine': machine(), 'data': manifest, 'decode_scales': scales,
         'settings': {'batch': args.batch, 'samples': args.samples, 'repeats': args.repeats,
+                     'decode_device': args.decode_device, 'cuda': torch.cuda.is_available(),
                      'config': 'unicl_swin_tiny', 'load_average_at_end': os.getloadavg()},
         'medians': medians, 'runs': runs}))
 

@@ -13,6 +13,7 @@ from configs import load_config
 from data.classnames import imagenet_classnames
 from loss import UniCLLoss
 from model import build_tokenizer, build_unicl_model, tokenize
+from training.compile import compile_for_training
 from utils.optim import build_optimizer
 from utils.precision import autocast
 
@@ -29,13 +30,16 @@ def text_batch(tokenizer, batch: int, full_length: bool, context: int) -> Dict[s
 
 
 class Workload:
-    """`configs/<config_name>.yaml`'s model (seeded) in training mode on `device`, with its optimizer."""
+    """`configs/<config_name>.yaml`'s model (seeded) in training mode on `device`, with its optimizer; with
+    `compiled`, its forward compiled as TRAIN.COMPILE compiles it (inductor, default mode)."""
 
-    def __init__(self, config_name: str, device: torch.device, dtype: Optional[torch.dtype]):
+    def __init__(self, config_name: str, device: torch.device, dtype: Optional[torch.dtype], compiled: bool = False):
         torch.manual_seed(0)
         self.config = load_config(os.path.join(ROOT, 'configs', f'{config_name}.yaml'))
         self.device, self.dtype = device, dtype
         self.model = build_unicl_model(self.config).to(device).train()
+        if compiled:
+            compile_for_training(self.model, self.config)
         self.optimizer = build_optimizer(self.config, self.model, 1e-4)
         self.tokenizer = build_tokenizer(self.config.MODEL.TEXT_ENCODER)
         self.criterion = UniCLLoss(tile_size=self.config.TRAIN.LOSS_TILE_SIZE)

@@ -43,6 +43,10 @@ _C.DATA.LOG_BAD_SAMPLES = 10
 # >= IMG_SIZE, the box drawn from the header size (data/crop_decode.py); same draws, pixels within a bounded
 # error of a full decode (exact when no reduction applies). False: full decode, then timm's transform.
 _C.DATA.REDUCED_DECODE = True
+# added: 'cuda' decodes the training JPEGs in batches on the training GPU (nvJPEG) and crops, resizes, flips and
+# normalises them there; the workers only read the files and draw the crop, flip and erasing (data/gpu_decode.py).
+# Needs AUG.AUTO_AUGMENT none and AUG.COLOR_JITTER 0 (PIL operations); REDUCED_DECODE does not apply. 'cpu': the workers decode.
+_C.DATA.DECODE_DEVICE = 'cpu'
 # added: prefix conditioning (Saito et al., CVPR 2023; data/text_prefix.py): '' off, 'words' puts
 # TEXT_PREFIX_LABEL before every class prompt and TEXT_PREFIX_CAPTION before every caption, so the text
 # encoder knows which kind of supervision a text is. Zero-shot class prompts take the prefix of the kind
@@ -158,6 +162,14 @@ _C.TRAIN.LOSS_TILE_SIZE = 0
 # each pair its own class: the paper's CLIP baseline), 'sigmoid' (SigLIP's pairwise sigmoid loss with a
 # learned bias, label-aware: pairs sharing a label are positives).
 _C.TRAIN.LOSS = 'unicl'
+# added: torch.compile the model's forward for training (training/compile.py): text lengths rounded up to a
+# multiple of 16 so that few graphs are compiled, their count logged. COMPILE_MODE is torch.compile's mode
+# ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'; inductor only); COMPILE_BACKEND
+# 'inductor', or 'aot_eager' / 'eager' (the same graphs run by torch's operators) to tell a compiler problem
+# from a tracing one. Evaluation stays eager.
+_C.TRAIN.COMPILE = False
+_C.TRAIN.COMPILE_MODE = 'default'
+_C.TRAIN.COMPILE_BACKEND = 'inductor'
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'

@@ -94,9 +94,10 @@ RULES: Dict[str, Rule] = {
     'DATA.EPOCH_SAMPLES': non_negative_int,  # 0: the sources' sizes summed
     'DATA.SHUFFLE_BUFFER': non_negative_int,  # 0 and 1 both mean no shuffling
     'DATA.LOG_BAD_SAMPLES': non_negative_int,
+    'DATA.REDUCED_DECODE': Rule('True or False', lambda v: isinstance(v, bool)),  # data/crop_decode.py
+    'DATA.DECODE_DEVICE': one_of('cpu', 'cuda'),  # data/gpu_decode.py; a CUDA device is checked by data/build.py
     'DATA.TEXT_PREFIX_LABEL': prefix_text,
     'DATA.TEXT_PREFIX_CAPTION': prefix_text,
-    'DATA.REDUCED_DECODE': Rule('True or False', lambda v: isinstance(v, bool)),  # data/crop_decode.py
 
     'MODEL.NUM_CLASSES': non_negative_int,
     'MODEL.LABEL_SMOOTHING': probability,
@@ -148,6 +149,7 @@ RULES: Dict[str, Rule] = {
     'TRAIN.KEEP_CHECKPOINTS': non_negative_int,  # 0 keeps all
     'TRAIN.NAN_POLICY': one_of('stop', 'skip'),
     'TRAIN.LOSS_TILE_SIZE': non_negative_int,  # 0: picked from the device
+    'TRAIN.COMPILE': Rule('True or False', lambda v: isinstance(v, bool)),
     'TRAIN.LR_SCHEDULER.NAME': one_of('cosine', 'step'),  # utils/optim.py build_scheduler
     'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': positive_float,  # the step scheduler divides by it
     'TRAIN.LR_SCHEDULER.DECAY_RATE': non_negative_float,
@@ -194,6 +196,19 @@ def _zero_unless(other_key: str, other: Any) -> Rule:
     return Rule(f'0 while {other_key} is off', lambda v: bool(other) or v == 0)
 
 
+def _default_unless_inductor(other_key: str, backend: Any) -> Rule:
+    return Rule(f"'default' while {other_key} is {backend!r} (modes are inductor's)",
+                lambda v: backend == 'inductor' or v == 'default')
+
+
+def _off_when_decoding_on_cuda(*off: Any) -> Callable[[str, Any], Rule]:
+    # RandAugment and colour jitter are PIL operations per image: the GPU decode path has no pixels in the workers.
+    def relation(other_key: str, decode_device: Any) -> Rule:
+        return Rule(f"{' or '.join(map(repr, off))} while {other_key} is 'cuda' (data/gpu_decode.py runs no "
+                    f"PIL augmentation)", lambda v: decode_device != 'cuda' or v in off)
+    return relation
+
+
 # (key, other key, rule on the key given the other's value), checked after RULES so both values are in range.
 RELATIONS: List[Tuple[str, str, Callable[[str, Any], Rule]]] = [
     ('MODEL.IMAGE_ENCODER.SWIN.NUM_HEADS', 'MODEL.IMAGE_ENCODER.SWIN.DEPTHS', _same_length),
@@ -206,6 +221,10 @@ RELATIONS: List[Tuple[str, str, Callable[[str, Any], Rule]]] = [
     # Unlocked groups of a tower that is not locked would quietly mean nothing.
     ('MODEL.LOCK_IMAGE_UNLOCKED_GROUPS', 'MODEL.LOCK_IMAGE', _zero_unless),
     ('MODEL.LOCK_TEXT_UNLOCKED_GROUPS', 'MODEL.LOCK_TEXT', _zero_unless),
+    # torch.compile hands a mode to inductor only; the other backends would fail on the first step.
+    ('TRAIN.COMPILE_MODE', 'TRAIN.COMPILE_BACKEND', _default_unless_inductor),
+    ('AUG.AUTO_AUGMENT', 'DATA.DECODE_DEVICE', _off_when_decoding_on_cuda('none', '')),
+    ('AUG.COLOR_JITTER', 'DATA.DECODE_DEVICE', _off_when_decoding_on_cuda(0)),
 ]
 
 
@@ -216,10 +235,13 @@ def _registry_rules() -> Dict[str, Rule]:
     from loss import LOSSES
     from model.image_encoder import IMAGE_ENCODERS
     from training.accumulation import ACCUMULATION_MODES
+    from training.compile import COMPILE_BACKENDS, COMPILE_MODES
     from utils.precision import AMP_LEVELS
     return {'MODEL.IMAGE_ENCODER.TYPE': one_of(*IMAGE_ENCODERS),
             'TRAIN.ACCUMULATION_MODE': one_of(*ACCUMULATION_MODES),
             'TRAIN.LOSS': one_of(*LOSSES),
+            'TRAIN.COMPILE_MODE': one_of(*COMPILE_MODES),
+            'TRAIN.COMPILE_BACKEND': one_of(*COMPILE_BACKENDS),
             'DATA.TEXT_PREFIX': one_of(*TEXT_PREFIX_MODES),
             'DATA.TEXT_PREFIX_ZEROSHOT': one_of(*TEXT_KINDS),
             'AMP_OPT_LEVEL': one_of(*AMP_LEVELS)}

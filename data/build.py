@@ -7,11 +7,12 @@ from typing import Any, List, Optional
 import torch
 
 from .classnames import training_templates
+from .gpu_decode import build_batched_decode_pipeline
 from .loader import LoaderSetup, TrainLoader
 from .sources import Source, build_source
 from .specs import source_specs
 from .text_prefix import TextPrefix
-from .transforms import build_train_pipeline
+from .transforms import TrainPipeline, build_train_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,27 @@ def _epoch_samples(config, sources: List[Source]) -> int:
     return sum(s.num_samples for s in sources)
 
 
+def _pipeline(config, device: Optional[torch.device]) -> TrainPipeline:
+    """The training transform split for the loader; with DATA.DECODE_DEVICE cuda the batched decode on the
+    training device (data/gpu_decode.py), which must then be a CUDA device."""
+    if config.DATA.DECODE_DEVICE != 'cuda':
+        return build_train_pipeline(config)
+    if not torch.cuda.is_available() or device is None or torch.device(device).type != 'cuda':
+        where = 'torch has no CUDA device' if not torch.cuda.is_available() else f'the training device is {device}'
+        raise ValueError(f"DATA.DECODE_DEVICE 'cuda' decodes on the training GPU, but {where}; "
+                         f"use DATA.DECODE_DEVICE 'cpu'")
+    return build_batched_decode_pipeline(config)
+
+
 def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
                        device: Optional[torch.device] = None) -> TrainLoader:
     """This rank's training loader over the sources of `config.DATA` (see data/specs.py), with
     DATA.BATCH_SIZE samples per batch and DATA.EPOCH_SAMPLES // (BATCH_SIZE * world_size) batches per
     epoch. `tokenizer` is called per batch as the official code does (padding to CONTEXT_LENGTH). The
     images arrive normalised on `device` (default: the CPU): for a GPU the workers send uint8 and the images
-    are normalised on it after the copy, for the CPU the workers normalise whole batches (data/normalize.py)."""
+    are normalised on it after the copy, for the CPU the workers normalise whole batches (data/normalize.py);
+    with DATA.DECODE_DEVICE cuda the workers send the JPEG files' bytes, decoded on `device` (data/gpu_decode.py)."""
+    pipeline = _pipeline(config, device)  # first: a refused DECODE_DEVICE before scanning the sources
     sources = [build_source(spec) for spec in source_specs(config)]
     global_batch = config.DATA.BATCH_SIZE * world_size
     epoch_samples = _epoch_samples(config, sources)
@@ -53,14 +68,13 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
     context_length = config.MODEL.TEXT_ENCODER.CONTEXT_LENGTH
     text_prefix = TextPrefix.from_config(config)
     text_prefix.check_fits(tokenizer, context_length)
-    pipeline = build_train_pipeline(config)
     setup = LoaderSetup(
         sources, _weights(sources), pipeline.transform, tokenizer,
         context_length, training_templates(), config.DATA.BATCH_SIZE, steps,
         rank, world_size, config.DATA.NUM_WORKERS, config.SEED, config.DATA.MERGE_CAPTIONS, text_prefix,
         decode=pipeline.decode, finish=pipeline.finish,
         # A CPU device has no copy to shrink: the workers normalise whole batches, cheaper than image by image.
-        finish_in_workers=device is None or torch.device(device).type == 'cpu')
+        finish_in_workers=device is None or torch.device(device).type == 'cpu', stack=pipeline.stack)
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())

@@ -57,12 +57,13 @@ class LoaderSetup:
                  rank: int, world_size: int, num_workers: int, seed: int, merge_captions: bool,
                  text_prefix: TextPrefix = TextPrefix(),
                  decode: Callable[[Record], Any] = decode_image, finish: Optional[Callable] = None,
-                 finish_in_workers: bool = False):
-        # decode: record -> the image `transform` starts from; finish: (batch, erasing, device) -> the
-        # normalised batch (data/transforms.TrainPipeline), run by the training process right after the copy
-        # to the device or, with finish_in_workers, by the workers on the CPU.
+                 finish_in_workers: bool = False, stack: Callable = stack_images):
+        # decode: record -> the image `transform` starts from; stack: the transform's outputs -> (batch,
+        # erasing); finish: (batch, erasing, device) -> the normalised batch (data/transforms.TrainPipeline),
+        # run by the training process right after the copy to the device or, with finish_in_workers, by the
+        # workers on the CPU.
         self.sources, self.decode, self.transform, self.tokenizer = sources, decode, transform, tokenizer
-        self.finish, self.finish_in_workers = finish, finish_in_workers
+        self.finish, self.finish_in_workers, self.stack = finish, finish_in_workers, stack
         self.context_length, self.templates, self.text_prefix = context_length, templates, text_prefix
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -126,7 +127,7 @@ class BatchStream(IterableDataset):
                     labels.append(label)
                     where.append(origin)
         tokens = tokenize(setup.tokenizer, texts, setup.context_length)
-        pixels, erasing = stack_images(images)  # float, or uint8 + erased patches (data/normalize.py)
+        pixels, erasing = setup.stack(images)  # float, uint8 + erased patches (data/normalize.py) or encoded
         if setup.finish is not None and setup.finish_in_workers:
             pixels, erasing = setup.finish(pixels, erasing), []
         info['erasing'] = erasing

@@ -50,12 +50,16 @@ class DeferredTail:
         if image.mode != 'RGB':  # to_tensor would scale other modes (I;16, F) differently
             raise ValueError(f'DeferredTail expects RGB images, got {image.mode}')
         pixels = F.pil_to_tensor(image)
+        return pixels, self.record_erasing(*pixels.shape)
+
+    def record_erasing(self, channels: int, height: int, width: int) -> List[Patch]:
+        """The patches RandomErasing draws for an image of this shape; it needs no pixels (data/gpu_decode.py
+        draws them before the image is decoded)."""
         recorder = _PatchRecorder()
         if self.erasing is not None:
-            channels, height, width = pixels.shape
             # timm's own _erase: the same draws in the same order (python random, then torch's normal_).
             self.erasing._erase(recorder, channels, height, width, torch.float32)
-        return pixels, recorder.patches
+        return recorder.patches
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}({self.normalize!r}, {self.erasing!r})'

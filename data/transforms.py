@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from PIL import Image
 from timm.data import create_transform
@@ -13,7 +13,7 @@ from torchvision.transforms import InterpolationMode
 
 from .crop_decode import CropDecoder
 from .decode import decode_image
-from .normalize import split_tail
+from .normalize import split_tail, stack_images
 from .sources.base import Record
 
 _INTERPOLATION = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
@@ -95,9 +95,10 @@ class TrainPipeline:
     a float tensor or, with a DeferredTail last, (uint8 tensor, erased patches); finish (the training
     process right after the copy to a GPU, or the workers for a CPU device): the stacked batch ->
     normalised float32 on the device."""
-    decode: Callable[[Record], Image.Image]
+    decode: Callable[[Record], Any]  # a PIL image; data/gpu_decode.py's EncodedImage for DECODE_DEVICE cuda
     transform: Callable
     finish: Optional[Callable]  # None: the transform ends in float tensors, finished in the workers
+    stack: Callable = stack_images  # the transform's outputs -> (batch, erasing), in the workers
 
 
 def build_train_pipeline(config) -> TrainPipeline:

@@ -39,6 +39,9 @@ class UniCLModel(nn.Module):
         trunc_normal_(self.image_projection, std=.02)
         # Submodules frozen by MODEL.LOCK_* (model/lock.py), kept in evaluation mode by `train`.
         self.locked_modules: Tuple[str, ...] = ()
+        # The trimmed text length is rounded up to a multiple of this (training/compile.py sets 16): a compiled
+        # text encoder then meets a few lengths, each compiled once, instead of a new one almost every batch.
+        self.text_length_multiple = 1
 
     def train(self, mode: bool = True) -> 'UniCLModel':
         """As nn.Module's, except that locked submodules stay in evaluation mode: a frozen tower computes
@@ -61,7 +64,7 @@ class UniCLModel(nn.Module):
             # Under causal attention no state up to a sequence's end-of-text token sees the tokens after
             # it, so the padding after the batch's longest text is dropped: the same features for a
             # fraction of the compute (captions and prompts are far shorter than the 77-token context).
-            length = int(eot.max()) + 1
+            length = trimmed_length(eot, self.text_length_multiple, input_ids.shape[1])
             input_ids = input_ids[:, :length]
             attention_mask = attention_mask[:, :length] if attention_mask is not None else None
         hidden = self.text_encoder(input_ids, attention_mask)
@@ -89,6 +92,19 @@ class UniCLModel(nn.Module):
         names |= {f'text_encoder.{n}' for n in self.text_encoder.no_weight_decay()}
         names |= {f'image_encoder.{n}' for n in self.image_encoder.no_weight_decay()}
         return names
+
+
+@torch.compiler.disable  # a graph break in any case (it reads the data); compiled code sees only the bucket
+def trimmed_length(eot: torch.Tensor, multiple: int, available: int) -> int:
+    """The tokens a batch with end-of-text tokens at `eot` keeps: up to the last one, in buckets of `multiple`."""
+    return bucketed_length(int(eot.max()) + 1, multiple, available)
+
+
+def bucketed_length(length: int, multiple: int, available: int) -> int:
+    """`length` rounded up to a multiple of `multiple`, never past the `available` tokens. The padding this
+    adds after every end-of-text token cannot reach the features: no state up to an end-of-text token
+    attends to the tokens after it."""
+    return min(-(-length // multiple) * multiple, available)
 
 
 def build_unicl_model(config) -> UniCLModel:

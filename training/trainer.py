@@ -33,6 +33,7 @@ from utils.optim import build_optimizer, build_scheduler, scaled_learning_rates
 from utils.precision import autocast, autocast_dtype
 
 from .accumulation import StepParts, get_accumulation_mode, to_device
+from .compile import compile_for_training
 from .metrics import Meter, open_tensorboard, peak_memory_mb
 from .resume import BatchLayout, convert_step, load_agreed, saved_layout
 from .signals import StopRequest
@@ -58,6 +59,8 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         if config.MODEL.PRETRAINED:
             load_pretrained(self.model, config.MODEL.PRETRAINED, config.MODEL.IMAGE_ENCODER.TYPE, strict=False)
+        # Compiled in place before DDP wraps it (training/compile.py); the watch logs the graphs compiled.
+        self.compile_watch = compile_for_training(self.model, config) if config.TRAIN.COMPILE else None
         self.ddp = None
         if world_size > 1:
             with warnings.catch_warnings():
@@ -273,6 +276,8 @@ class Trainer:
             self.scheduler.step_update(progress.step)
             loss, grad_norm, overflow = self.optimizer_step(batches)
             batches = []
+            if self.compile_watch:
+                self.compile_watch.check(progress.step + 1)
             if overflow:
                 progress.overflow_steps += 1
                 logger.info(f'fp16 gradient overflow at step {progress.step + 1}: step skipped, loss scale '
@@ -319,7 +324,8 @@ class Trainer:
         skipped = self.loader.skipped() if hasattr(self.loader, 'skipped') else {}
         logger.info(f'epoch {progress.epoch} done: loss {loss_meter.avg:.4f}, grad_norm {norm_meter.avg:.3f}'
                     + (f', fp16 overflow steps so far {progress.overflow_steps}' if self.scaler else '')
-                    + (f', bad samples skipped {skipped}' if skipped else ''))
+                    + (f', bad samples skipped {skipped}' if skipped else '')
+                    + (f', graphs compiled so far {self.compile_watch.count}' if self.compile_watch else ''))
         if writer:
             writer.add_scalar('train/epoch_loss', loss_meter.avg, progress.epoch)
         return 0
