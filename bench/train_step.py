@@ -2,6 +2,7 @@
 on random images and texts.
 
     python bench/train_step.py [--quick] [--compile] [--config NAME] [--device cpu|cuda] [--threads N]
+                               [--opts KEY VALUE ...] [--name NAME]
 
 Cases: `unicl_swin_tiny` at 224 px and the tiny test config, fp32 and bf16 autocast on the CPU (bf16 on CUDA
 when a GPU is present), texts of prompt length ("a photo of a {ImageNet class}.", ~8-12 tokens) and of all 77
@@ -20,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -40,7 +42,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(config_name: str, batch: int, amp: str, full_text: bool, device_name: str, steps: int,
-            compiled: bool) -> dict:
+            compiled: bool, opts: Sequence[str] = ()) -> dict:
     from training.compile import graphs_compiled
     from training.metrics import peak_memory_mb
     from utils.precision import autocast_dtype
@@ -49,7 +51,7 @@ def measure(config_name: str, batch: int, amp: str, full_text: bool, device_name
 
     device = torch.device(device_name)
     dtype = autocast_dtype(amp, device)
-    workload = Workload(config_name, device, dtype, compiled)
+    workload = Workload(config_name, device, dtype, compiled, opts)
     step = workload.step(batch, full_text)
     with tempfile.TemporaryDirectory(prefix='train_step_inductor_') as cache:
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache  # a cold compilation: nothing from an earlier run's cache
@@ -123,26 +125,30 @@ def main(argv=None) -> None:
     parser.add_argument('--device', action='append', choices=('cpu', 'cuda'),
                         help='only this device (repeatable; default: the CPU, and CUDA when present)')
     parser.add_argument('--threads', type=int, help='torch threads in each case (default: torch\'s own)')
+    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE',
+                        help='config overrides for every case, as main.py --opts (e.g. TRAIN.OPTIMIZER.FUSED False)')
+    parser.add_argument('--name', help='results file bench/results/NAME.json (default: train_step[_compile])')
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
         config, batch, amp, full, device, steps, compiled = args.case
         print(__import__('json').dumps(measure(config, int(batch), amp, full == '1', device, int(steps),
-                                               compiled == '1')))
+                                               compiled == '1', args.opts)))
         return
     results = []
     for config, batch, amp, full, device, steps, compiled in _cases(args):
         threads = ['--threads', str(args.threads)] if args.threads else []
+        opts = ['--opts', *args.opts] if args.opts else []
         result = run_child(__file__, ['--case', config, str(batch), amp, str(int(full)), device, str(steps),
-                                      str(int(compiled))] + threads)
+                                      str(int(compiled))] + threads + opts)
         result.setdefault('config', config)
         results.append(result)
         print(result, flush=True)
     print(_table(results, args.compile))
-    name = 'train_step_compile' if args.compile else 'train_step'
+    name = args.name or ('train_step_compile' if args.compile else 'train_step')
     print('results:', write_results(name, {'machine': dict(machine(), threads=args.threads or torch.get_num_threads()),
-                                           'results': results}))
+                                           'opts': args.opts, 'results': results}))
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -31,11 +31,13 @@ def text_batch(tokenizer, batch: int, full_length: bool, context: int) -> Dict[s
 
 class Workload:
     """`configs/<config_name>.yaml`'s model (seeded) in training mode on `device`, with its optimizer; with
-    `compiled`, its forward compiled as TRAIN.COMPILE compiles it (inductor, default mode)."""
+    `compiled`, its forward compiled as TRAIN.COMPILE compiles it (inductor, default mode); `opts` override the
+    config as main.py's --opts do."""
 
-    def __init__(self, config_name: str, device: torch.device, dtype: Optional[torch.dtype], compiled: bool = False):
+    def __init__(self, config_name: str, device: torch.device, dtype: Optional[torch.dtype], compiled: bool = False,
+                 opts: Sequence[str] = ()):
         torch.manual_seed(0)
-        self.config = load_config(os.path.join(ROOT, 'configs', f'{config_name}.yaml'))
+        self.config = load_config(os.path.join(ROOT, 'configs', f'{config_name}.yaml'), list(opts))
         self.device, self.dtype = device, dtype
         self.model = build_unicl_model(self.config).to(device).train()
         if compiled:
