@@ -343,3 +343,20 @@ def test_logit_scale_is_clamped_to_its_maximum(tiny_data, tmp_path):
     maximum = trainer.config.MODEL.LOGIT_SCALE_MAX
     assert maximum == pytest.approx(math.log(100))
     assert trainer.model.logit_scale.item() <= maximum + 1e-6  # float32 rounding of ln 100
+
+
+def test_step_log_and_tensorboard_carry_the_sigmoid_bias(tiny_data, tmp_path, caplog):
+    """TRAIN.LOSS sigmoid learns a logit bias: the step log and tensorboard show it beside the temperature
+    (and a model without one logs none)."""
+    from reporting.scalars import read_scalars
+
+    caplog.set_level('INFO', logger='unicl.train')
+    out = str(tmp_path / 'sigmoid')
+    code, trainer = _fit(tiny_data, out, 'TRAIN.LOSS', 'sigmoid', 'TRAIN.EPOCHS', '1')
+    assert code == 0
+    steps = [r.message for r in caplog.records if r.message.startswith('Train: ')]
+    assert steps and all(' logit_scale ' in m and ' logit_bias ' in m for m in steps)
+    bias = read_scalars(_run_dir(out))['train/logit_bias']
+    assert [step for step, _ in bias] == [4, 8]
+    assert bias[-1][1] == pytest.approx(trainer.model.logit_bias.item(), abs=1e-6) and bias[0][1] != -10.0
+    assert not hasattr(_trainer(tiny_data, str(tmp_path / 'unicl')).model, 'logit_bias')

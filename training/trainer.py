@@ -296,16 +296,19 @@ class Trainer:
                 images_per_sec = window_steps * self.global_batch / max(elapsed, 1e-9)
                 eta = (total_steps - progress.step) * (time.time() - run_start) / run_steps
                 lr = self.optimizer.param_groups[0]['lr']
+                # The temperature, and the sigmoid loss's learned bias where the model has one.
+                logits = {'logit_scale': self.model.logit_scale.exp().item()}
+                if hasattr(self.model, 'logit_bias'):
+                    logits['logit_bias'] = self.model.logit_bias.item()
                 logger.info(
                     f'Train: [{progress.epoch}/{config.TRAIN.EPOCHS}][{step_in_epoch}/{self.steps_per_epoch}] '
                     f'step {progress.step}  lr {lr:.3e}  loss {loss:.4f} ({loss_meter.avg:.4f})  '
                     f'grad_norm {grad_norm:.3f} ({norm_meter.avg:.3f})  '
-                    f'logit_scale {self.model.logit_scale.exp().item():.2f}  {images_per_sec:.1f} img/s  '
-                    f'mem {peak_memory_mb(self.device):.0f}MB  '
+                    + ''.join(f'{name} {value:.2f}  ' for name, value in logits.items())
+                    + f'{images_per_sec:.1f} img/s  mem {peak_memory_mb(self.device):.0f}MB  '
                     f'eta {datetime.timedelta(seconds=int(eta))}')
                 if writer:
-                    for name, value in (('loss', loss), ('lr', lr), ('grad_norm', grad_norm),
-                                        ('logit_scale', self.model.logit_scale.exp().item()),
+                    for name, value in (('loss', loss), ('lr', lr), ('grad_norm', grad_norm), *logits.items(),
                                         ('images_per_sec', images_per_sec)):
                         writer.add_scalar(f'train/{name}', value, progress.step)
                 window_start, window_steps = time.time(), 0
