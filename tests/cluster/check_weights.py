@@ -3,8 +3,9 @@
 Reads the job's output file (every restart appended to it), the harness's list of stops and both runs' final
 checkpoints; prints a table of the stops and exits non-zero on any failed check:
 - each restart is in the file (--open-mode=append kept them all) and the last one says "run finished";
-- each stop logged the training's save at the signal ("signal N: saving at step S" or "saved at the end of
-  epoch") and the script's "requeued"; the next restart resumed from that step (0 steps redone);
+- each stop logged the training's save at the signal ("signal N: saving at step S", "saved at the end of
+  epoch", or "signal N during the validation of epoch E: saving" for a signal that arrives after an epoch's
+  last step) and the script's "requeued"; the next restart resumed from that step (0 steps redone);
 - the final weights equal the uninterrupted run's (allclose, atol 1e-6).
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> int:
     rows = []
     for index, (kind, acted) in enumerate(stops):
         lines, after = parts.get(index, []), parts.get(index + 1, [])
-        signal_line = _first(lines, r'signal \d+: sav')
+        signal_line = _first(lines, r'signal \d+(:| during the validation of epoch \d+:) sav')
         saved = [int(m.group(1)) for m in (re.search(r'saved \S+ \(epoch \d+, step (\d+)\)', line) for line in lines)
                  if m]
         steps = [int(m.group(1)) for m in (re.search(r'Train: .* step (\d+) ', line) for line in lines) if m]
