@@ -69,3 +69,20 @@ def test_fused_kernel_where_torch_has_one_with_the_loop_s_update(name):
     assert fused.defaults.get('fused') is True and not loop.defaults.get('fused')
     for a, b in zip(fused_weights, loop_weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_refused_by_torch_falls_back_to_the_loop_and_says_so(caplog):
+    """Where torch has no fused kernel (it raises when the optimizer is built) the loop is used, with a log line."""
+    from utils.optim import _fused_if_possible
+
+    class NoFusedKernel(torch.optim.SGD):
+        def __init__(self, params, fused=None, **options):
+            if fused:
+                raise RuntimeError('`fused=True` requires all the params to be floating point Tensors of '
+                                   'supported devices')
+            super().__init__(params, **options)
+
+    caplog.set_level('INFO', logger='utils.optim')
+    optimizer = _fused_if_possible(NoFusedKernel, [{'params': [torch.nn.Parameter(torch.zeros(2))]}], True, lr=0.1)
+    assert isinstance(optimizer, NoFusedKernel) and not optimizer.defaults.get('fused')
+    assert any('no fused NoFusedKernel' in r.message for r in caplog.records)

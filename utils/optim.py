@@ -1,6 +1,7 @@
 """Optimizer and learning-rate schedule, as the official recipe sets them up."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -8,6 +9,8 @@ import torch
 from torch import nn
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ def _fused_if_possible(optimizer: type, groups: List[Dict], fused: bool, **optio
     if fused:
         try:
             return optimizer(groups, fused=True, **options)
-        except (RuntimeError, TypeError, ValueError):
-            pass
+        except (RuntimeError, TypeError, ValueError) as refusal:
+            logger.info(f'TRAIN.OPTIMIZER.FUSED: torch has no fused {optimizer.__name__} here ({refusal}); '
+                        'using its per-parameter loop')
     return optimizer(groups, **options)
 
 
