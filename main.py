@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from configs import load_config, merge_dict, validate_config
+from configs import ConfigError, load_config, merge_dict, validate_config
 from model.checkpoint import load_pretrained
 from training import Trainer, seed_everything
 from utils.distributed import init_distributed
@@ -78,38 +78,42 @@ def build_run_config(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_option(argv)
-    config = build_run_config(args)
-    rank, world_size, local_rank = init_distributed()
-    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    setup_logger(config.OUTPUT, rank)
-    seed_everything(config.SEED + rank)
-    if rank == 0:
-        os.makedirs(config.OUTPUT, exist_ok=True)
-        with open(os.path.join(config.OUTPUT, 'config.yaml'), 'w') as f:
-            f.write(config.dump())
-    logger.info(f'run folder {config.OUTPUT}')
     try:
-        trainer = Trainer(config, rank, world_size, device)
-        if config.EVAL_MODE:
-            if not config.MODEL.RESUME:
-                raise ValueError('--eval needs --resume CHECKPOINT')
-            trainer.validation_folder(required=True)
-            load_pretrained(trainer.model, config.MODEL.RESUME, config.MODEL.IMAGE_ENCODER.TYPE)
-            trainer.validate(None)
-            return 0
-        trainer.build_training()
-        if config.THROUGHPUT_MODE:
-            trainer.throughput()
-            return 0
-        trainer.resume()
-        code = trainer.fit()
-        # Past the loop a stop has nothing left to save: a SIGTERM now (torchrun sends one to the ranks still
-        # tearing down once another has exited) must not turn this rank's exit code into a death by signal.
-        ignore_stop_signals()
-        return code
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        config = build_run_config(args)
+        rank, world_size, local_rank = init_distributed()
+        device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+        setup_logger(config.OUTPUT, rank)
+        seed_everything(config.SEED + rank)
+        if rank == 0:
+            os.makedirs(config.OUTPUT, exist_ok=True)
+            with open(os.path.join(config.OUTPUT, 'config.yaml'), 'w') as f:
+                f.write(config.dump())
+        logger.info(f'run folder {config.OUTPUT}')
+        try:
+            trainer = Trainer(config, rank, world_size, device)
+            if config.EVAL_MODE:
+                if not config.MODEL.RESUME:
+                    raise ValueError('--eval needs --resume CHECKPOINT')
+                trainer.validation_folder(required=True)
+                load_pretrained(trainer.model, config.MODEL.RESUME, config.MODEL.IMAGE_ENCODER.TYPE)
+                trainer.validate(None)
+                return 0
+            trainer.build_training()
+            if config.THROUGHPUT_MODE:
+                trainer.throughput()
+                return 0
+            trainer.resume()
+            code = trainer.fit()
+            # Past the loop a stop has nothing left to save: a SIGTERM now (torchrun sends one to the ranks still
+            # tearing down once another has exited) must not turn this rank's exit code into a death by signal.
+            ignore_stop_signals()
+            return code
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    except ConfigError as error:  # a key's value refused, when read or when what it needs turns out missing
+        print(f'main.py: error: {error}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -6,6 +6,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from configs import ConfigError
+
 from .classnames import training_templates
 from .gpu_decode import build_batched_decode_pipeline
 from .loader import LoaderSetup, TrainLoader
@@ -44,7 +46,7 @@ def _pipeline(config, device: Optional[torch.device]) -> TrainPipeline:
         return build_train_pipeline(config)
     if not torch.cuda.is_available() or device is None or torch.device(device).type != 'cuda':
         where = 'torch has no CUDA device' if not torch.cuda.is_available() else f'the training device is {device}'
-        raise ValueError(f"DATA.DECODE_DEVICE 'cuda' decodes on the training GPU, but {where}; "
+        raise ConfigError(f"DATA.DECODE_DEVICE 'cuda' decodes on the training GPU, but {where}; "
                          f"use DATA.DECODE_DEVICE 'cpu'")
     return build_batched_decode_pipeline(config)
 

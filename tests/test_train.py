@@ -360,3 +360,14 @@ def test_step_log_and_tensorboard_carry_the_sigmoid_bias(tiny_data, tmp_path, ca
     assert [step for step, _ in bias] == [4, 8]
     assert bias[-1][1] == pytest.approx(trainer.model.logit_bias.item(), abs=1e-6) and bias[0][1] != -10.0
     assert not hasattr(_trainer(tiny_data, str(tmp_path / 'unicl')).model, 'logit_bias')
+
+
+def test_a_refused_config_value_is_one_line_and_exit_code_2(tiny_data, tmp_path):
+    """main.py reports a refused config value (at reading, or when the loader finds no GPU for
+    DATA.DECODE_DEVICE cuda) as one line naming the key, exit code 2, no traceback."""
+    for opts, key in ((['TRAIN.SAVE_FREQ', '0'], 'SAVE_FREQ'), (['DATA.DECODE_DEVICE', 'cuda'], 'DATA.DECODE_DEVICE')):
+        if key == 'DATA.DECODE_DEVICE' and torch.cuda.is_available():
+            continue  # on a GPU machine this trains
+        run = run_command(main.main, _args(tiny_data, str(tmp_path / key), *opts))
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert run.stderr.startswith('main.py: error: ') and key in run.stderr and 'Traceback' not in run.stderr
