@@ -15,7 +15,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -c "import torch, torchvision, timm, transformers, yacs, webdataset, matplotlib, pytest"
 	touch $@
 
-test: $(VENV)/.installed
+# The optional C helper that decodes only the training crop of a JPEG (data/jpeg_region.py); where it cannot be
+# built (no C compiler or libjpeg-turbo headers) the loader decodes with Pillow and says so in the log.
+JPEG_REGION := data/_jpeg_region.so
+$(JPEG_REGION): data/jpeg_region.c $(VENV)/.installed
+	$(PY) -m data.jpeg_region --quiet-failure
+
+test: $(VENV)/.installed $(JPEG_REGION)
 	$(PY) -m pytest -q
 
 # cluster/unicl.sbatch on a real one-node SLURM from Debian's packages (needs root; installs munge and SLURM
@@ -28,7 +34,7 @@ test-slurm: $(VENV)/.installed
 # Generates the built-in dataset, trains the tiny UniCL on labels + captions (about 3 minutes on 2 CPU
 # cores), evaluates it zero-shot on the held-out "colour shape" classes and with a linear probe on the
 # shapes, and writes output/demo/report.md with curves.png.
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed $(JPEG_REGION)
 	$(PY) -m data.builtin --out demo_data --scale small
 	rm -rf $(DEMO_OUT)
 	$(PY) main.py --cfg configs/unicl_tiny_builtin.yaml --data-path demo_data --output $(DEMO_OUT)
@@ -44,11 +50,11 @@ demo: $(VENV)/.installed
 # on the built-in data, and the UniCL, CLIP and sigmoid losses and UniCL with mixup; two training seeds each.
 # Each writes sweep.md, sweep.json and sweep.png to output/ablation (output/ablation_losses). Started again,
 # a sweep skips the runs it finished and resumes the one it was in: remove the folder to train them anew.
-ablation: $(VENV)/.installed
+ablation: $(VENV)/.installed $(JPEG_REGION)
 	$(PY) -m data.builtin --out demo_data --scale small
 	$(PY) -m training.sweep configs/sweeps/builtin_ablation.yaml
 
-ablation-losses: $(VENV)/.installed
+ablation-losses: $(VENV)/.installed $(JPEG_REGION)
 	$(PY) -m data.builtin --out demo_data --scale small
 	$(PY) -m training.sweep configs/sweeps/builtin_losses.yaml
 

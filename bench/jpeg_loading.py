@@ -15,11 +15,12 @@ first batch (worker start-up) is not timed; every case runs `--repeats` times, t
 (a rotating order), and the table gives medians.
 
 Training cases: torchvision (the whole official transform on a full decode, a prompt per sample
-tokenised in the workers); ours as shipped for a CPU device (reduced-scale decode, the workers normalise
-whole batches); ours with a full decode (DATA.REDUCED_DECODE False); ours as on a GPU (the workers send
-uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
-CPU); ours with the float end of the transform per image in the workers (the path before
-data/normalize.py). Evaluation cases: torchvision
+tokenised in the workers); ours as shipped for a CPU device (only the crop's rectangle decoded, by
+data/jpeg_region.py's helper, at a reduced scale where the box allows; the workers normalise whole
+batches); the same with Pillow decoding whole images (the helper not used); ours as on a GPU (the workers
+send uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
+CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes with Pillow too; the
+results say which. Evaluation cases: torchvision
 `ImageFolder` and ours (evaluation/data.py's ImageList in a sharded loader), both with the official
 validation transform (Resize 256 bicubic, CenterCrop 224).
 
@@ -43,7 +44,6 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from timm.data.transforms import MaybeToTensor  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
@@ -52,7 +52,7 @@ from bench.common import machine, markdown_table, write_results  # noqa: E402
 from bench.data_loading import torchvision_baseline, warm_page_cache  # noqa: E402
 from bench.jpeg_data import ensure_jpegs  # noqa: E402
 from configs import load_config  # noqa: E402
-from data import build_train_loader  # noqa: E402
+from data import build_train_loader, jpeg_region  # noqa: E402
 from data.crop_decode import CropDecoder, dct_scale  # noqa: E402
 from data.decode import decode_image  # noqa: E402
 from data.gpu_decode import build_batched_decode_pipeline  # noqa: E402
@@ -100,14 +100,9 @@ def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
     return {'images_per_sec': seen / wall, 'worker_ms': 1000 * workers / seen, 'main_ms': 1000 * main / seen}
 
 
-def float_from_workers(loader):
-    """Our loader with the float end of the transform back in the workers (the path before
-    data/normalize.py): ToTensor -> Normalize -> RandomErasing there, nothing to finish."""
-    setup = loader.setup
-    steps = list(setup.transform.transforms)
-    tail = steps.pop()
-    steps += [MaybeToTensor(), tail.normalize] + ([tail.erasing] if tail.erasing is not None else [])
-    setup.transform, setup.finish = transforms.Compose(steps), None
+def pillow_decode(loader):
+    """Our loader with the crop decoded by Pillow's whole decode (data/jpeg_region.py's helper not used)."""
+    loader.setup.decode.region = False
     return loader
 
 
@@ -192,7 +187,7 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     assert len(official.transforms) == 6, official  # crop, flip, RandAugment, to tensor, normalise, erase
     crop, middle = official.transforms[0], transforms.Compose(official.transforms[1:-3])
     float_tail = transforms.Compose(official.transforms[-3:])
-    reduced = CropDecoder(crop)
+    pillow_reduced, region_full, ours = CropDecoder(crop, region=False), CropDecoder(crop, reduce=False), CropDecoder(crop)
     _, deferred, finish = split_tail(official.transforms[1:])
     cropped = [crop(decode_image(r)) for r in records]
     augmented = [middle(image) for image in cropped]
@@ -214,7 +209,9 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
 
     variants: Dict[str, Callable[[], None]] = {
         'decode + crop: full decode, timm crop': lambda: [crop(decode_image(r)) for r in records],
-        'decode + crop: reduced-scale decode (ours)': lambda: [reduced(r) for r in records],
+        'decode + crop: reduced-scale, Pillow decode': lambda: [pillow_reduced(r) for r in records],
+        'decode + crop: full scale, crop-region decode': lambda: [region_full(r) for r in records],
+        'decode + crop: reduced-scale + crop-region decode (ours)': lambda: [ours(r) for r in records],
         'flip + RandAugment (the same in both)': lambda: [middle(image) for image in cropped],
         'to tensor, normalise, erase, stack, share: float per image': lambda: batches(float_per_image),
         'the same: uint8, batch normalised in the worker (ours, CPU device)': lambda: batches(
@@ -242,7 +239,9 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
 
 # (variant, the official one it replaces): their cost ratio is taken within each repeat (a paired ratio).
 COMPONENT_PAIRS = {
-    'decode + crop: reduced-scale decode (ours)': 'decode + crop: full decode, timm crop',
+    'decode + crop: reduced-scale, Pillow decode': 'decode + crop: full decode, timm crop',
+    'decode + crop: full scale, crop-region decode': 'decode + crop: full decode, timm crop',
+    'decode + crop: reduced-scale + crop-region decode (ours)': 'decode + crop: full decode, timm crop',
     'the same: uint8, batch normalised in the worker (ours, CPU device)':
         'to tensor, normalise, erase, stack, share: float per image',
     'the same: uint8 sent, normalised on the device (ours, GPU)':
@@ -280,6 +279,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     manifest = ensure_jpegs(args.jpeg_data, args.count)
     folder = os.path.join(args.jpeg_data, 'train')
+    print(f'crops decoded by {jpeg_region.describe()}', flush=True)
     if args.components:
         config = load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'), [])
         costs = component_costs(config, folder, args.components, max(args.repeats, 3))
@@ -287,6 +287,7 @@ def main(argv=None) -> None:
                               'speed-up over the official (median of paired ratios)'], component_table(costs)))
         print('results:', write_results('jpeg_components', {
             'machine': machine(), 'data': manifest, 'images': args.components, 'repeats': max(args.repeats, 3),
+            'crop_decoder': jpeg_region.describe(),
             'load_average_at_end': os.getloadavg(), 'ms_per_image': costs}))
         return
     if args.samples + 2 * args.batch > args.count:
@@ -303,11 +304,8 @@ def main(argv=None) -> None:
     makers: Dict[Tuple[str, str], Callable[[int], Iterable]] = {
         ('train', 'torchvision'): lambda w: torchvision_baseline(config_for(w), tokenizer, folder, w, args.batch),
         ('train', 'ours'): lambda w: build_train_loader(config_for(w), tokenizer, 0, 1),
-        ('train', 'ours, full decode'): lambda w: build_train_loader(
-            config_for(w, 'DATA.REDUCED_DECODE', 'False'), tokenizer, 0, 1),
+        ('train', 'ours, Pillow decode'): lambda w: pillow_decode(build_train_loader(config_for(w), tokenizer, 0, 1)),
         ('train', 'ours, uint8 to main (GPU path)'): lambda w: uint8_to_main(
-            build_train_loader(config_for(w), tokenizer, 0, 1)),
-        ('train', 'ours, float per image'): lambda w: float_from_workers(
             build_train_loader(config_for(w), tokenizer, 0, 1)),
         ('eval', 'torchvision'): lambda w: eval_torchvision(base, folder, w, args.batch),
         ('eval', 'ours'): lambda w: eval_ours(base, folder, w, args.batch),
@@ -349,7 +347,7 @@ def main(argv=None) -> None:
     scales = decode_scales(base, folder)
     print('training samples per DCT scale:', {f'1/{s}': f'{share:.1%}' for s, share in scales.items()})
     print('results:', write_results('jpeg_loading', {
-        'machine': machine(), 'data': manifest, 'decode_scales': scales,
+        'machine': machine(), 'data': manifest, 'decode_scales': scales, 'crop_decoder': jpeg_region.describe(),
         'settings': {'batch': args.batch, 'samples': args.samples, 'repeats': args.repeats,
                      'decode_device': args.decode_device, 'cuda': torch.cuda.is_available(),
                      'config': 'unicl_swin_tiny', 'load_average_at_end': os.getloadavg()},

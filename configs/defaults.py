@@ -41,7 +41,8 @@ _C.DATA.SHUFFLE_BUFFER = 1000
 _C.DATA.LOG_BAD_SAMPLES = 10
 # added: training JPEGs decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the RandomResizedCrop box
 # >= IMG_SIZE, the box drawn from the header size (data/crop_decode.py); same draws, pixels within a bounded
-# error of a full decode (exact when no reduction applies). False: full decode, then timm's transform.
+# error of a full decode (exact when no reduction applies). False: full-scale decode, timm's pixels exactly (of
+# the box's rectangle only where data/jpeg_region.py's helper is built: the same pixels, less work).
 _C.DATA.REDUCED_DECODE = True
 # added: 'cuda' decodes the training JPEGs in batches on the training GPU (nvJPEG) and crops, resizes, flips and
 # normalises them there; the workers only read the files and draw the crop, flip and erasing (data/gpu_decode.py).

@@ -8,7 +8,9 @@ import torch
 
 from configs import ConfigError
 
+from . import jpeg_region
 from .classnames import training_templates
+from .crop_decode import CropDecoder
 from .gpu_decode import build_batched_decode_pipeline
 from .loader import LoaderSetup, TrainLoader
 from .sources import Source, build_source
@@ -80,4 +82,6 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())
+    if isinstance(pipeline.decode, CropDecoder) and pipeline.decode.region:
+        logger.info(f'training crops decoded by {jpeg_region.describe()}')
     return loader

@@ -8,6 +8,9 @@ decoding, through Pillow's `Image.draft`) at which the box still has at least IM
 The box is mapped into the reduced image's coordinates (pixel k of a 1/s decode covers original pixels
 [k*s, (k+1)*s)) and resized from there with the same filter, sub-pixel exact.
 
+Where the optional libjpeg-turbo helper is built (data/jpeg_region.py), only the box's rectangle of the
+(reduced) image is decoded, with the pixels a whole decode has there; elsewhere Pillow decodes it all.
+
 At scale 1 (no box big enough to reduce, or not a JPEG) the pixels are exactly timm's: the same decode
 and the same `resized_crop`. At 1/2-1/8 the decode's own low-pass replaces part of the resize filter's;
 tests/test_crop_decode.py bounds the difference. The random draws are the same in number and order as
@@ -17,19 +20,28 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torchvision.transforms.functional as F
 from PIL import Image, JpegImagePlugin
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from .decode import load_rgb, open_image
+from .jpeg_region import decode_region
 from .sources.base import BadSample, Record
 
 # The DCT scales libjpeg decodes at by Pillow's draft, largest reduction first.
 DCT_SCALES = (8, 4, 2, 1)
 
 Box = Tuple[int, int, int, int]  # (top, left, height, width), as timm's get_params returns it
+
+
+class DecodedCrop(NamedTuple):
+    pixels: Image.Image  # the 1/scale decode, or the part of it that starts at `origin`
+    origin: Tuple[int, int]  # (x, y) of pixels' first pixel in the 1/scale image
+    box: Box  # in the original image's coordinates
+    scale: int
+    interpolation: F.InterpolationMode
 
 
 def dct_scale(box_w: float, box_h: float, out_w: int, out_h: int) -> int:
@@ -53,28 +65,42 @@ def draft_at(image: Image.Image, scale: int) -> int:
     return int(round(width / drafted[1][2]))
 
 
-def reduced_resized_crop(pixels: Image.Image, box: Box, scale: int, size: Tuple[int, int],
-                         interpolation: F.InterpolationMode) -> Image.Image:
-    """The crop `box` (original coordinates) of a 1/scale decode, resized to `size` (height, width)."""
+def enclosing_pixels(box: Box, scale: int, image_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the whole pixels of the 1/scale decode that `box` touches; libjpeg's
+    1/scale image is ceil(W / scale) x ceil(H / scale)."""
     top, left, height, width = box
-    x0, y0, x1, y1 = left / scale, top / scale, (left + width) / scale, (top + height) / scale
+    scaled_w, scaled_h = (-(-image_size[0] // scale), -(-image_size[1] // scale))
+    return (left // scale, top // scale, min(-(-(left + width) // scale), scaled_w),
+            min(-(-(top + height) // scale), scaled_h))
+
+
+def resized_box(decoded: DecodedCrop, size: Tuple[int, int]) -> Image.Image:
+    """The crop box of a decode, resized to `size` (height, width): at scale 1 timm's own call."""
+    top, left, height, width = decoded.box
+    x, y = decoded.origin
+    if decoded.scale == 1:
+        return F.resized_crop(decoded.pixels, top - y, left - x, height, width, size, decoded.interpolation)
+    scale = decoded.scale
+    x0, y0, x1, y1 = left / scale - x, top / scale - y, (left + width) / scale - x, (top + height) / scale - y
     # Cut the enclosing whole pixels first: like timm's crop-then-resize, the filter then sees (almost)
     # only pixels of the box; resize's float box places the sampling grid on the box's exact edges.
+    pixels = decoded.pixels
     cut = (math.floor(x0), math.floor(y0), min(math.ceil(x1), pixels.width), min(math.ceil(y1), pixels.height))
     region = pixels.crop(cut)
-    return region.resize((size[1], size[0]), F.pil_modes_mapping[interpolation],
+    return region.resize((size[1], size[0]), F.pil_modes_mapping[decoded.interpolation],
                          box=(x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1]))
 
 
 class CropDecoder:
     """record -> timm's RandomResizedCropAndInterpolation of its image, decoded at the reduced scale the
-    crop allows (`reduce=False`: always at full scale, then exactly timm's output).
+    crop allows (`reduce=False`: always at full scale, then exactly timm's output), only the box's
+    rectangle where data/jpeg_region.py's helper is built (`region=False`: Pillow's whole decode).
 
     Bad data raises BadSample as `decode_image` does; a sample whose pixels fail to decode after its box
     was drawn gives the random draws back, so a bad sample consumes none, as before."""
 
-    def __init__(self, crop: RandomResizedCropAndInterpolation, reduce: bool = True):
-        self.crop, self.reduce = crop, reduce
+    def __init__(self, crop: RandomResizedCropAndInterpolation, reduce: bool = True, region: bool = True):
+        self.crop, self.reduce, self.region = crop, reduce, region
 
     def sample(self, image: Image.Image) -> Tuple[Box, F.InterpolationMode]:
         """timm's draws, in timm's order: the box from the (header) size, then the interpolation."""
@@ -84,27 +110,31 @@ class CropDecoder:
             interpolation = random.choice(interpolation)
         return box, interpolation
 
-    def decode(self, record: Record) -> Tuple[Image.Image, Box, int, F.InterpolationMode]:
-        """(pixels decoded at 1/scale, box in original coordinates, scale, interpolation)."""
+    def decode(self, record: Record) -> DecodedCrop:
+        """The pixels the crop needs: the box's rectangle where the JPEG helper is built, else the whole
+        image, decoded at the reduced scale the box allows."""
         with open_image(record) as image:
             state = random.getstate()
             box, interpolation = self.sample(image)  # needs only the size: the pixels are not decoded yet
             scale = 1
             if self.reduce:
                 out_h, out_w = self.crop.size
-                scale = draft_at(image, dct_scale(box[3], box[2], out_w, out_h))
+                scale = dct_scale(box[3], box[2], out_w, out_h)
+            if self.region and image.format == 'JPEG':
+                left, top, right, bottom = enclosing_pixels(box, scale, image.size)
+                pixels = decode_region(record.image, scale, left, top, right - left, bottom - top)
+                if pixels is not None:
+                    return DecodedCrop(pixels, (left, top), box, scale, interpolation)
+            scale = draft_at(image, scale)
             try:
                 pixels = load_rgb(record, image)
             except BadSample:
                 random.setstate(state)
                 raise
-        return pixels, box, scale, interpolation
+        return DecodedCrop(pixels, (0, 0), box, scale, interpolation)
 
     def __call__(self, record: Record) -> Image.Image:
-        pixels, box, scale, interpolation = self.decode(record)
-        if scale == 1:
-            return F.resized_crop(pixels, *box, self.crop.size, interpolation)  # timm's own call
-        return reduced_resized_crop(pixels, box, scale, self.crop.size, interpolation)
+        return resized_box(self.decode(record), self.crop.size)
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}({self.crop!r}, reduce={self.reduce})'
+        return f'{type(self).__name__}({self.crop!r}, reduce={self.reduce}, region={self.region})'

@@ -104,16 +104,16 @@ class TrainPipeline:
 def build_train_pipeline(config) -> TrainPipeline:
     """The official training transform split for the loader.
 
-    With DATA.REDUCED_DECODE (the default) and a RandomResizedCrop first, `decode` is a CropDecoder
-    (data/crop_decode.py: the crop's box from the header size, the JPEG decoded at the smallest DCT scale
-    that keeps the box >= IMG_SIZE, crop + resize) and the transform goes on from the flip; else `decode`
-    is `decode_image` and the transform is whole. Its ToTensor -> Normalize -> RandomErasing end becomes
+    With a RandomResizedCrop first, `decode` is a CropDecoder (data/crop_decode.py: the crop's box from the
+    header size, only its rectangle decoded where data/jpeg_region.py's helper is built, at the smallest DCT
+    scale that keeps the box >= IMG_SIZE with DATA.REDUCED_DECODE, crop + resize) and the transform goes on
+    from the flip; else `decode` is `decode_image` and the transform is whole. Its ToTensor -> Normalize -> RandomErasing end becomes
     a DeferredTail in the workers and an ImageFinisher on the device (data/normalize.py: bit-identical on
     the CPU, and a quarter of the bytes to move)."""
     steps = list(build_train_transform(config).transforms)
     decode: Callable[[Record], Image.Image] = decode_image
-    if config.DATA.REDUCED_DECODE and isinstance(steps[0], RandomResizedCropAndInterpolation):
-        decode = CropDecoder(steps.pop(0))
+    if isinstance(steps[0], RandomResizedCropAndInterpolation):
+        decode = CropDecoder(steps.pop(0), reduce=config.DATA.REDUCED_DECODE)
     split = split_tail(steps)
     if split is None:
         return TrainPipeline(decode, transforms.Compose(steps), None)

@@ -1,0 +1,104 @@
+"""Decode only the training crop's rectangle of a JPEG (data/jpeg_region.c, libjpeg-turbo's partial decode).
+
+Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
+outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them
+(tests/test_jpeg_region.py). It is an optional accelerator: built by `make` (or `python -m data.jpeg_region`)
+with the C compiler and libjpeg-turbo's headers where they exist; without it, or for a file it declines,
+the crop is decoded by Pillow as before. `describe()` says which is in use (logged when training starts).
+
+    python -m data.jpeg_region            # build data/_jpeg_region.so
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from typing import Optional, Tuple
+
+from PIL import Image
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'jpeg_region.c')
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_jpeg_region.so')
+ABI_VERSION = 1  # REGION_ABI_VERSION in jpeg_region.c
+OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
+END_OF_IMAGE = b'\xff\xd9'
+
+
+def build(output: str = LIBRARY, compiler: Optional[str] = None) -> str:
+    """Compile jpeg_region.c into `output`; raises RuntimeError with the compiler's message on failure."""
+    compiler = compiler or os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+    if compiler is None:
+        raise RuntimeError('no C compiler (cc or gcc) found')
+    partial = f'{output}.{os.getpid()}.tmp'
+    command = [compiler, '-O2', '-shared', '-fPIC', SOURCE, '-o', partial, '-ljpeg']
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr.strip()}')
+    os.replace(partial, output)  # atomic: a worker never loads a half-written library
+    return output
+
+
+@lru_cache(maxsize=None)
+def _library() -> Tuple[Optional[ctypes.CDLL], str]:
+    """(the helper at LIBRARY, loaded, or None; a one-line description of what decodes the crops)."""
+    path = LIBRARY
+    if not os.path.exists(path):
+        return None, f'Pillow (whole images; {os.path.relpath(path)} not built: python -m data.jpeg_region)'
+    try:
+        library = ctypes.CDLL(path)
+        abi = library.unicl_jpeg_region_abi()
+    except (OSError, AttributeError) as exc:
+        return None, f'Pillow (whole images; {path} does not load: {exc})'
+    if abi != ABI_VERSION:
+        return None, f'Pillow (whole images; {path} is ABI {abi}, not {ABI_VERSION}: rebuild it)'
+    library.unicl_jpeg_region.restype = ctypes.c_int
+    library.unicl_jpeg_region.argtypes = [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p]
+    return library, f'libjpeg-turbo partial decode of the crop ({path})'
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def describe() -> str:
+    return _library()[1]
+
+
+def decode_region(data: bytes, scale: int, left: int, top: int, width: int, height: int) -> Optional[Image.Image]:
+    """Pixels [top, top+height) x [left, left+width) of the 1/scale decode of JPEG `data`, as an RGB image,
+    or None where the helper is missing or declines (not YCbCr or greyscale, a libjpeg warning, no
+    end-of-image marker last): the caller then decodes with Pillow, so bad data meets Pillow's checks.
+
+    Rows below the box are never decoded, so damage there would go unseen; a file must end in the
+    end-of-image marker, which a truncated file lacks."""
+    library = _library()[0]
+    if library is None or not data.rstrip(b'\0').endswith(END_OF_IMAGE):  # zero padding after it is common
+        return None
+    out = ctypes.create_string_buffer(width * height * 3)
+    status = library.unicl_jpeg_region(data, len(data), scale, left, top, width, height, out)
+    if status == BAD_ARGUMENT:
+        raise ValueError(f'box {(left, top, width, height)} at 1/{scale} lies outside the image')
+    if status != OK:
+        return None
+    return Image.frombuffer('RGB', (width, height), out, 'raw', 'RGB', 0, 1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description='Build the JPEG crop-decoding helper (optional).')
+    parser.add_argument('--output', default=LIBRARY)
+    parser.add_argument('--quiet-failure', action='store_true',
+                        help='exit 0 when it cannot be built (the loader then decodes with Pillow)')
+    args = parser.parse_args(argv)
+    try:
+        print(f'built {build(args.output)}')
+    except RuntimeError as exc:
+        print(f'data.jpeg_region: not built, crops will be decoded by Pillow: {exc}', file=sys.stderr)
+        sys.exit(0 if args.quiet_failure else 1)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,151 @@
+"""The optional libjpeg-turbo crop decoder (data/jpeg_region.c) against Pillow's whole decode: the same
+pixels in the box for every subsampling, progressive and greyscale files, odd sizes and the DCT scales; a
+clean refusal (Pillow then decodes) for what it does not handle; and the training crop unchanged by it."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import jpeg_region
+from data.crop_decode import CropDecoder
+from data.sources.base import CORRUPT, BadSample, Record
+from tests.test_crop_decode import _textured, _timm_crop
+from tests.test_data_fixtures import data_config, epoch_batches, loader_for, same_batches
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory) -> str:
+    """The helper compiled from the current source (not whatever `make` left in data/)."""
+    try:
+        return jpeg_region.build(str(tmp_path_factory.mktemp('jpeg_region') / '_jpeg_region.so'))
+    except RuntimeError as exc:
+        pytest.skip(f'the helper cannot be built here (then Pillow decodes): {exc}')
+
+
+@pytest.fixture
+def helper(built, monkeypatch):
+    monkeypatch.setattr(jpeg_region, 'LIBRARY', built)
+    jpeg_region._library.cache_clear()
+    yield
+    jpeg_region._library.cache_clear()
+
+
+def _encode(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, 'JPEG', **options)
+    return buffer.getvalue()
+
+
+def _pillow_decode(data: bytes, scale: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if scale > 1:
+        image.draft('RGB', (image.width // scale, image.height // scale))
+    return image.convert('RGB')
+
+
+ENCODINGS = [dict(quality=90, subsampling=2), dict(quality=90, subsampling=1), dict(quality=95, subsampling=0),
+             dict(quality=90, subsampling=2, progressive=True), dict(quality=80, subsampling=0, progressive=True)]
+
+
+@pytest.mark.parametrize('size', [(523, 389), (640, 480), (1203, 811), (33, 517), (17, 9), (1, 1)])
+def test_the_box_is_pillows_decode_pixel_for_pixel(helper, size):
+    rng = random.Random(size[0])
+    files = [(_encode(_textured(*size, seed), **options), options) for seed, options in enumerate(ENCODINGS)]
+    files.append((_encode(_textured(*size, 7).convert('L'), quality=90), 'greyscale'))
+    checked = 0
+    for data, options in files:
+        for scale in (1, 2, 4, 8):
+            if size[0] < scale or size[1] < scale:
+                continue
+            whole = _pillow_decode(data, scale)
+            width, height = whole.size
+            assert (width, height) == (-(-size[0] // scale), -(-size[1] // scale))
+            boxes = [(0, 0, width, height), (width - 1, height - 1, 1, 1)]  # all of it; the last pixel
+            for _ in range(6):
+                w, h = rng.randint(1, width), rng.randint(1, height)
+                boxes.append((rng.randint(0, width - w), rng.randint(0, height - h), w, h))
+            for left, top, w, h in boxes:
+                region = jpeg_region.decode_region(data, scale, left, top, w, h)
+                assert region is not None and region.mode == 'RGB' and region.size == (w, h)
+                expected = np.asarray(whole.crop((left, top, left + w, top + h)))
+                assert np.array_equal(np.asarray(region), expected), (options, scale, (left, top, w, h))
+                checked += 1
+    assert checked >= 6 * 8
+
+
+def test_what_it_does_not_handle_is_left_to_pillow(helper):
+    photo = _textured(200, 150, 3)
+    data = _encode(photo, quality=90)
+    assert jpeg_region.decode_region(data, 1, 0, 0, 200, 150) is not None
+    # CMYK (Adobe) files, truncated files (no end-of-image marker last), damaged ones (a libjpeg warning).
+    assert jpeg_region.decode_region(_encode(photo.convert('CMYK'), quality=90), 1, 0, 0, 10, 10) is None
+    assert jpeg_region.decode_region(data[:len(data) // 2], 1, 0, 0, 10, 10) is None
+    cut_short = data[:len(data) // 2] + jpeg_region.END_OF_IMAGE
+    assert jpeg_region.decode_region(cut_short, 1, 0, 140, 200, 10) is None
+    png = io.BytesIO()
+    photo.save(png, 'PNG')
+    assert jpeg_region.decode_region(png.getvalue() + jpeg_region.END_OF_IMAGE, 1, 0, 0, 10, 10) is None
+    with pytest.raises(ValueError, match='outside the image'):
+        jpeg_region.decode_region(data, 1, 150, 0, 51, 10)
+
+
+def test_the_training_crop_is_the_same_with_and_without_it(helper):
+    """CropDecoder with the helper equals it without, draw for draw and pixel for pixel, at full and
+    reduced scales; a truncated JPEG is still a bad sample that draws nothing."""
+    crop = _timm_crop()
+    files = [_encode(_textured(w, h, i), quality=90, subsampling=(0, 2)[i % 2])
+             for i, (w, h) in enumerate([(700, 560), (600, 800), (520, 390), (1100, 700)])]
+    with_helper, pillow_only = CropDecoder(crop), CropDecoder(crop, region=False)
+    scales = set()
+    for seed in range(40):
+        record = Record(files[seed % len(files)], f'file {seed % len(files)}')
+        random.seed(seed)
+        decoded = with_helper.decode(record)
+        assert decoded.origin != (0, 0) or decoded.pixels.size != Image.open(io.BytesIO(record.image)).size
+        scales.add(decoded.scale)
+        random.seed(seed)
+        ours, after = np.asarray(with_helper(record)), random.getstate()
+        random.seed(seed)
+        assert np.array_equal(ours, np.asarray(pillow_only(record))) and random.getstate() == after
+    assert scales == {1, 2, 4, 8}
+    truncated = Record(files[0][:len(files[0]) // 2], 'truncated.jpg')
+    random.seed(5)
+    before = random.getstate()
+    with pytest.raises(BadSample) as bad:
+        with_helper(truncated)
+    assert bad.value.reason == CORRUPT and random.getstate() == before
+
+
+def test_without_the_library_pillow_decodes_and_the_log_says_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(jpeg_region, 'LIBRARY', str(tmp_path / 'missing.so'))
+    jpeg_region._library.cache_clear()
+    try:
+        assert not jpeg_region.available()
+        assert 'Pillow' in jpeg_region.describe() and 'python -m data.jpeg_region' in jpeg_region.describe()
+        assert jpeg_region.decode_region(_encode(_textured(64, 48, 0)), 1, 0, 0, 8, 8) is None
+    finally:
+        jpeg_region._library.cache_clear()
+
+
+def test_the_loader_with_it_gives_the_same_batches_and_says_so(helper, tmp_path, tokenizer, caplog):
+    """The training loader in a worker process, with the helper and with Pillow's whole decode: the same
+    batches (so the exact-resume guarantees, which rest on the draws, carry over), and the log names it."""
+    for i, (w, h) in enumerate([(300, 220), (220, 300), (256, 256)]):
+        os.makedirs(tmp_path / f'class_{i}')
+        for j in range(3):
+            _textured(w + 7 * j, h, 10 * i + j).save(tmp_path / f'class_{i}' / f'{j}.jpg', quality=90)
+    config = data_config(str(tmp_path), [{'TYPE': 'imagefolder', 'PATH': '.'}], batch_size=3, num_workers=1,
+                         EPOCH_SAMPLES=9, IMG_SIZE=64)  # above 32 px: a RandomResizedCrop
+    with caplog.at_level(logging.INFO, logger='data.build'):
+        with_helper = loader_for(config, tokenizer)
+    assert 'training crops decoded by libjpeg-turbo partial decode' in caplog.text
+    pillow = loader_for(config, tokenizer)
+    pillow.setup.decode.region = False
+    for epoch in (0, 1):
+        assert same_batches(epoch_batches(with_helper, epoch), epoch_batches(pillow, epoch))
