@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     manifest = ensure_jpegs(args.jpeg_data, args.count)
     folder = os.path.join(args.jpeg_data, 'train')
-    print(f'crops decoded by {jpeg_region.describe()}', flush=True)
+    print(f'training JPEGs: {jpeg_region.describe()}', flush=True)
     if args.components:
         config = load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'), [])
         costs = component_costs(config, folder, args.components, max(args.repeats, 3))

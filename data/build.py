@@ -83,5 +83,5 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())
     if isinstance(pipeline.decode, CropDecoder) and pipeline.decode.region:
-        logger.info(f'training crops decoded by {jpeg_region.describe()}')
+        logger.info(f'training JPEGs: {jpeg_region.describe()}; other formats decoded whole by Pillow')
     return loader

@@ -47,17 +47,17 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
     """(the helper at LIBRARY, loaded, or None; a one-line description of what decodes the crops)."""
     path = LIBRARY
     if not os.path.exists(path):
-        return None, f'Pillow (whole images; {os.path.relpath(path)} not built: python -m data.jpeg_region)'
+        return None, f'decoded whole by Pillow ({os.path.relpath(path)} not built: python -m data.jpeg_region)'
     try:
         library = ctypes.CDLL(path)
         abi = library.unicl_jpeg_region_abi()
     except (OSError, AttributeError) as exc:
-        return None, f'Pillow (whole images; {path} does not load: {exc})'
+        return None, f'decoded whole by Pillow ({path} does not load: {exc})'
     if abi != ABI_VERSION:
-        return None, f'Pillow (whole images; {path} is ABI {abi}, not {ABI_VERSION}: rebuild it)'
+        return None, f'decoded whole by Pillow ({path} is ABI {abi}, not {ABI_VERSION}: rebuild it)'
     library.unicl_jpeg_region.restype = ctypes.c_int
     library.unicl_jpeg_region.argtypes = [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p]
-    return library, f'libjpeg-turbo partial decode of the crop ({path})'
+    return library, f"only the crop's rectangle decoded, by libjpeg-turbo ({path})"
 
 
 def available() -> bool:

@@ -127,7 +127,8 @@ def test_without_the_library_pillow_decodes_and_the_log_says_how_to_build(tmp_pa
     jpeg_region._library.cache_clear()
     try:
         assert not jpeg_region.available()
-        assert 'Pillow' in jpeg_region.describe() and 'python -m data.jpeg_region' in jpeg_region.describe()
+        assert 'decoded whole by Pillow' in jpeg_region.describe()
+        assert 'python -m data.jpeg_region' in jpeg_region.describe()
         assert jpeg_region.decode_region(_encode(_textured(64, 48, 0)), 1, 0, 0, 8, 8) is None
     finally:
         jpeg_region._library.cache_clear()
@@ -144,7 +145,7 @@ def test_the_loader_with_it_gives_the_same_batches_and_says_so(helper, tmp_path,
                          EPOCH_SAMPLES=9, IMG_SIZE=64)  # above 32 px: a RandomResizedCrop
     with caplog.at_level(logging.INFO, logger='data.build'):
         with_helper = loader_for(config, tokenizer)
-    assert 'training crops decoded by libjpeg-turbo partial decode' in caplog.text
+    assert "training JPEGs: only the crop's rectangle decoded, by libjpeg-turbo" in caplog.text
     pillow = loader_for(config, tokenizer)
     pillow.setup.decode.region = False
     for epoch in (0, 1):
