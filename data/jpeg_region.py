@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import os
 import shutil
 import subprocess
@@ -28,13 +29,27 @@ OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
 END_OF_IMAGE = b'\xff\xd9'
 
 
+def pillow_libjpeg() -> Optional[str]:
+    """The libjpeg-turbo that Pillow's wheel bundles (under a name of its own), if it bundles one."""
+    import PIL
+    bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(PIL.__file__)), 'pillow.libs', 'libjpeg*.so*'))
+    return sorted(bundled)[0] if bundled else None
+
+
 def build(output: str = LIBRARY, compiler: Optional[str] = None) -> str:
-    """Compile jpeg_region.c into `output`; raises RuntimeError with the compiler's message on failure."""
+    """Compile jpeg_region.c into `output`; raises RuntimeError with the compiler's message on failure.
+
+    It links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it must
+    reproduce, and a name no other library in the process has. A plain `-ljpeg` (soname libjpeg.so.62) would
+    be satisfied by whichever libjpeg.so.62 the process loaded first: torchvision 0.19 bundles an older one
+    without jpeg_skip_scanlines."""
     compiler = compiler or os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
     if compiler is None:
         raise RuntimeError('no C compiler (cc or gcc) found')
     partial = f'{output}.{os.getpid()}.tmp'
-    command = [compiler, '-O2', '-shared', '-fPIC', SOURCE, '-o', partial, '-ljpeg']
+    bundled = pillow_libjpeg()
+    libjpeg = [bundled, f'-Wl,-rpath,{os.path.dirname(bundled)}'] if bundled else ['-ljpeg']
+    command = [compiler, '-O2', '-shared', '-fPIC', SOURCE, '-o', partial] + libjpeg
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr.strip()}')
