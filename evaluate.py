@@ -21,7 +21,6 @@ import urllib.error
 from typing import Callable, Dict, List, NoReturn, Optional
 
 import torch
-import torch.distributed as dist
 
 from data.transforms import DEFAULT_EVAL_TRANSFORM, EVAL_TRANSFORMS
 from evaluation import (FeatureCache, ProbeSettings, load_encoder, run_linear_probe, run_retrieval,
@@ -34,7 +33,7 @@ from evaluation.linear_probe import INIT_HEADS, PROTOCOLS, LinearProbeReport
 from evaluation.logistic import MAX_ITERATIONS
 from evaluation.metrics import METRICS
 from utils.checkpoint import DEFAULT_CACHE, CheckpointError
-from utils.distributed import get_rank, init_distributed, is_dist
+from utils.distributed import destroy_distributed, get_rank, init_distributed
 from utils.logger import setup_logger
 from utils.precision import AMP_LEVELS
 
@@ -358,8 +357,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         # Only the user's errors: any other exception is a bug and keeps its traceback.
         parser.exit(2, f'{parser.prog} {args.command}: error: {" ".join(str(e).split())}\n')
     finally:
-        if is_dist():
-            dist.destroy_process_group()
+        destroy_distributed()
 
 
 if __name__ == '__main__':

@@ -13,12 +13,11 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from configs import ConfigError, load_config, merge_dict, validate_config
 from model.checkpoint import load_pretrained
 from training import Trainer, seed_everything
-from utils.distributed import init_distributed
+from utils.distributed import destroy_distributed, init_distributed
 from utils.logger import setup_logger
 from utils.stop_signals import ignore_stop_signals
 
@@ -109,8 +108,7 @@ def main(argv=None) -> int:
             ignore_stop_signals()
             return code
         finally:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+            destroy_distributed()
     except ConfigError as error:  # a key's value refused, when read or when what it needs turns out missing
         print(f'main.py: error: {error}', file=sys.stderr)
         return 2

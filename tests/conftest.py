@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 import traceback
 from typing import Callable, List, NamedTuple, Sequence
 
@@ -27,12 +28,21 @@ def child_env(**variables: str) -> dict:
     return dict(os.environ, PYTHONPATH=path, **variables)
 
 
-def run_ranks(fn: Callable, args: Sequence = (), nprocs: int = 2) -> None:
-    """fn(rank, *args) in `nprocs` forked processes, as mp.spawn runs it; an exception in any is raised here.
+def run_ranks(fn: Callable, args: Sequence = (), nprocs: int = 2, timeout: float = 600) -> None:
+    """fn(rank, *args) in `nprocs` forked processes, as mp.spawn runs it; an exception in any is raised here,
+    and ranks still running after `timeout` seconds are killed and fail the test (a deadlock must not hang
+    the suite).
 
     Forked, not spawned: a child starts with this process's imports, where a spawned one spends 8-10 s of the
     suite's 2 cores importing torch, torchvision and timm again."""
-    torch.multiprocessing.start_processes(_one_thread, args=(fn, tuple(args)), nprocs=nprocs, start_method='fork')
+    ranks = torch.multiprocessing.start_processes(_one_thread, args=(fn, tuple(args)), nprocs=nprocs,
+                                                  start_method='fork', join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise AssertionError(f'{fn.__name__}: ranks still running after {timeout} s')
 
 
 def _one_thread(rank: int, fn: Callable, args: tuple) -> None:

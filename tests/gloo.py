@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tests.conftest import run_ranks
+from utils.distributed import destroy_distributed
 
 
 def run_in_gloo_group(compute: Callable[[int], Any], tmp_path: Path, world: int = 2) -> List[Any]:
@@ -26,7 +27,7 @@ def _worker(rank: int, compute: Callable[[int], Any], out_dir: str, world: int) 
     try:
         torch.save(compute(rank), os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def ddp_average(grads: Iterable[Tensor]) -> None:

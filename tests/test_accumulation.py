@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from tests.conftest import run_ranks
 from tests.test_train import _trainer
+from utils.distributed import destroy_distributed
 
 MICRO = 2  # samples per micro-batch and rank
 
@@ -80,7 +81,7 @@ def _rank_step(rank, world_size, mode, data, out, init_file, result_file):
     else:  # rank r's 4 samples twice: the DDP no_sync path must average the two, not add them
         micro = _split(batch, 2)[rank:rank + 1] * 2
     torch.save(_gradients(trainer, micro), result_file.format(rank))
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 @pytest.mark.parametrize('mode', ['features', 'gradients'])

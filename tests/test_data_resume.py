@@ -9,6 +9,7 @@ import torch
 from tests.conftest import run_ranks
 from tests.test_data_fixtures import (LABELS, SHARDS, TABLE, data_config, epoch_batches, loader_for,
                                       same_batches)
+from utils.distributed import destroy_distributed
 
 
 def roundtrip(state):
@@ -80,7 +81,7 @@ def _gather_state(rank: int, world_size: int, init_file: str, data: str, result:
         next(batches)
         torch.save(loader.state_dict(), result.format(rank))
     finally:
-        torch.distributed.destroy_process_group()
+        destroy_distributed()
 
 
 def test_state_dict_gathers_stream_positions_of_all_ranks(tiny_data, tokenizer, tmp_path):

@@ -14,6 +14,7 @@ from model import tokenize
 from model.lock import apply_locks, check_same_trainable, image_tower_groups, lock_groups, text_tower_groups
 from tests.conftest import TINY_CONFIG, tiny_config
 from training import Trainer
+from utils.distributed import destroy_distributed
 
 FAST = ['DATA.IMG_SIZE', '32', 'MODEL.IMAGE_ENCODER.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0',
         'DATA.EPOCH_SAMPLES', '16', 'AUG.AUTO_AUGMENT', 'none', 'AUG.REPROB', '0.0', 'TRAIN.WARMUP_EPOCHS', '0',
@@ -108,7 +109,7 @@ def test_ddp_steps_with_a_locked_tower(tmp_path):
         _steps(trainer, 2)
         assert torch.equal(trainer.model.text_encoder.resblocks[0].mlp.c_fc.weight, before)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def test_a_locked_run_resumes_and_other_locks_are_refused(tiny_data, tmp_path):

@@ -27,6 +27,7 @@ from tests.test_train import _args, _children, _finish, _fit, _run_dir, _trainer
 from training import Trainer
 from training.resume import ResumeError
 from utils.checkpoint import CheckpointError, CheckpointManager, safe_load
+from utils.distributed import destroy_distributed
 
 # 2 ranks x batch 4 = global batch 8: 8 steps per epoch of 64 samples, 16 in all; loader workers as in every
 # real run; drop-path draws from each rank's own RNG.
@@ -172,7 +173,7 @@ def _resume_in_rank(rank, data, outs, init_file, result_file, unreadable):
     except CheckpointError as e:
         result = str(e)
     torch.save(result, result_file.format(rank))
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 @pytest.mark.parametrize('unreadable', [False, True], ids=['lagging-folder', 'unreadable'])

@@ -18,6 +18,7 @@ from model import build_unicl_model
 from tests.conftest import TINY_CONFIG, run_command, run_ranks
 from training import Trainer
 from utils.checkpoint import CheckpointManager, safe_load
+from utils.distributed import destroy_distributed
 
 # A fast, learnable setting: 32-px images, no random augmentation, 8 steps of 8 samples per epoch.
 FAST = ['DATA.IMG_SIZE', '32', 'MODEL.IMAGE_ENCODER.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '8',
@@ -70,7 +71,7 @@ def _ddp_step(rank, world_size, data, out, init_file, result_file):
     own = slice(rank * 4, rank * 4 + 4)
     trainer.optimizer_step([(images[own], {k: v[own] for k, v in tokens.items()}, labels[own])])
     torch.save(trainer.model.state_dict(), result_file.format(rank))
-    dist.destroy_process_group()
+    destroy_distributed()
 
 
 def test_two_gloo_processes_step_like_one_on_the_global_batch(tiny_data, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -78,6 +79,25 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
     return rank, world_size, local_rank
+
+
+# How long gloo's threads get to drop the last collective's tensors before the group is destroyed.
+GLOO_RELEASE_SECONDS = 0.05
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if there is one.
+
+    Before torch 2.8 (pytorch/pytorch#154976) gloo's destructor keeps the GIL while it joins its worker
+    threads, and a worker still dropping the tensors of the last collective needs the GIL for that: both
+    wait forever. On torch 2.4 this hung about one run in five of a test that gathers and leaves at once.
+    Sleeping releases the GIL, so the workers finish first.
+    """
+    if not is_dist():
+        return
+    if dist.get_backend() == "gloo":
+        time.sleep(GLOO_RELEASE_SECONDS)
+    dist.destroy_process_group()
 
 
 def gather_sizes(n: int, device: torch.device) -> List[int]:
