@@ -20,6 +20,7 @@ import sys
 from functools import lru_cache
 from typing import Optional, Tuple
 
+import PIL
 from PIL import Image
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'jpeg_region.c')
@@ -31,7 +32,6 @@ END_OF_IMAGE = b'\xff\xd9'
 
 def pillow_libjpeg() -> Optional[str]:
     """The libjpeg-turbo that Pillow's wheel bundles (under a name of its own), if it bundles one."""
-    import PIL
     bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(PIL.__file__)), 'pillow.libs', 'libjpeg*.so*'))
     return sorted(bundled)[0] if bundled else None
 
