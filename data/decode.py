@@ -13,6 +13,8 @@ from PIL import Image
 
 from .sources.base import CORRUPT, EMPTY, TOO_LARGE, BadSample, Record
 
+END_OF_IMAGE = b'\xff\xd9'  # JPEG's EOI marker
+
 
 def open_image(record: Record) -> Image.Image:
     """The record's image opened lazily: size, mode and format known, pixels not decoded yet.
@@ -31,6 +33,12 @@ def open_image(record: Record) -> Image.Image:
         raise BadSample(TOO_LARGE, record.where, str(exc)) from None
     except Exception as exc:  # an unknown format or a broken header means bad data
         raise BadSample(CORRUPT, record.where, f'{type(exc).__name__}: {exc}') from None
+
+
+def ends_in_end_of_image(data: bytes) -> bool:
+    """Whether a JPEG's bytes end in its end-of-image marker (zero padding after it is common): a truncated
+    file does not. Decoders that skip part of the file use it to leave such files to Pillow's checks."""
+    return data.rstrip(b'\0').endswith(END_OF_IMAGE)
 
 
 def load_rgb(record: Record, image: Image.Image) -> Image.Image:

@@ -38,7 +38,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .crop_decode import Box, CropDecoder
-from .decode import load_rgb, open_image
+from .decode import ends_in_end_of_image, load_rgb, open_image
 from .normalize import DeferredTail, ImageFinisher, Patch, SampleErasing, split_tail
 from .sources.base import BadSample, Record
 from .transforms import TrainPipeline, build_train_transform
@@ -77,7 +77,7 @@ class EncodedBatch:
 def _device_decodable(image, data: bytes) -> bool:
     # A 3-channel JPEG ending in its EOI marker: Pillow (the CPU path) refuses a truncated JPEG when it
     # decodes; here nothing is decoded in the worker, so a file without the marker takes the CPU path and its check.
-    return image.format == 'JPEG' and image.mode == 'RGB' and data.rstrip(b'\0').endswith(b'\xff\xd9')
+    return image.format == 'JPEG' and image.mode == 'RGB' and ends_in_end_of_image(data)
 
 
 class EncodedCropSampler:

@@ -23,11 +23,12 @@ from typing import Optional, Tuple
 import PIL
 from PIL import Image
 
+from .decode import ends_in_end_of_image
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'jpeg_region.c')
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_jpeg_region.so')
 ABI_VERSION = 1  # REGION_ABI_VERSION in jpeg_region.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
-END_OF_IMAGE = b'\xff\xd9'
 
 
 def pillow_libjpeg() -> Optional[str]:
@@ -91,7 +92,7 @@ def decode_region(data: bytes, scale: int, left: int, top: int, width: int, heig
     Rows below the box are never decoded, so damage there would go unseen; a file must end in the
     end-of-image marker, which a truncated file lacks."""
     library = _library()[0]
-    if library is None or not data.rstrip(b'\0').endswith(END_OF_IMAGE):  # zero padding after it is common
+    if library is None or not ends_in_end_of_image(data):
         return None
     out = ctypes.create_string_buffer(width * height * 3)
     status = library.unicl_jpeg_region(data, len(data), scale, left, top, width, height, out)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from data import jpeg_region
 from data.crop_decode import CropDecoder
+from data.decode import END_OF_IMAGE
 from data.sources.base import CORRUPT, BadSample, Record
 from tests.test_crop_decode import _textured, _timm_crop
 from tests.test_data_fixtures import data_config, epoch_batches, loader_for, same_batches
@@ -86,11 +87,11 @@ def test_what_it_does_not_handle_is_left_to_pillow(helper):
     # CMYK (Adobe) files, truncated files (no end-of-image marker last), damaged ones (a libjpeg warning).
     assert jpeg_region.decode_region(_encode(photo.convert('CMYK'), quality=90), 1, 0, 0, 10, 10) is None
     assert jpeg_region.decode_region(data[:len(data) // 2], 1, 0, 0, 10, 10) is None
-    cut_short = data[:len(data) // 2] + jpeg_region.END_OF_IMAGE
+    cut_short = data[:len(data) // 2] + END_OF_IMAGE
     assert jpeg_region.decode_region(cut_short, 1, 0, 140, 200, 10) is None
     png = io.BytesIO()
     photo.save(png, 'PNG')
-    assert jpeg_region.decode_region(png.getvalue() + jpeg_region.END_OF_IMAGE, 1, 0, 0, 10, 10) is None
+    assert jpeg_region.decode_region(png.getvalue() + END_OF_IMAGE, 1, 0, 0, 10, 10) is None
     with pytest.raises(ValueError, match='outside the image'):
         jpeg_region.decode_region(data, 1, 150, 0, 51, 10)
 
