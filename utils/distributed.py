@@ -90,7 +90,7 @@ def destroy_distributed() -> None:
 
     Before torch 2.8 (pytorch/pytorch#154976) gloo's destructor keeps the GIL while it joins its worker
     threads, and a worker still dropping the tensors of the last collective needs the GIL for that: both
-    wait forever. On torch 2.4 this hung about one run in five of a test that gathers and leaves at once.
+    wait forever. On torch 2.4 this hung 2 of 8 runs of a test that gathers and then leaves at once.
     Sleeping releases the GIL, so the workers finish first.
     """
     if not is_dist():
