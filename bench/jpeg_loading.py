@@ -15,9 +15,9 @@ first batch (worker start-up) is not timed; every case runs `--repeats` times, t
 (a rotating order), and the table gives medians.
 
 Training cases: torchvision (the whole official transform on a full decode, a prompt per sample
-tokenised in the workers); ours as shipped for a CPU device (only the crop's rectangle decoded, by
-data/jpeg_region.py's helper, at a reduced scale where the box allows; the workers normalise whole
-batches); the same with Pillow decoding whole images (the helper not used); ours as on a GPU (the workers
+tokenised in the workers); ours as shipped for a CPU device (only the crop's rectangle decoded and resized
+by data/jpeg_region.py's helper, at a reduced scale where the box allows; the workers normalise whole
+batches); the same with Pillow decoding whole images and resizing (the helper not used); ours as on a GPU (the workers
 send uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
 CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes with Pillow too; the
 results say which. Evaluation cases: torchvision
@@ -53,7 +53,7 @@ from bench.data_loading import torchvision_baseline, warm_page_cache  # noqa: E4
 from bench.jpeg_data import ensure_jpegs  # noqa: E402
 from configs import load_config  # noqa: E402
 from data import build_train_loader, jpeg_region  # noqa: E402
-from data.crop_decode import CropDecoder, dct_scale  # noqa: E402
+from data.crop_decode import CropDecoder, dct_scale, resized_box  # noqa: E402
 from data.decode import decode_image  # noqa: E402
 from data.gpu_decode import build_batched_decode_pipeline  # noqa: E402
 from data.normalize import split_tail, stack_images  # noqa: E402
@@ -101,7 +101,8 @@ def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
 
 
 def pillow_decode(loader):
-    """Our loader with the crop decoded by Pillow's whole decode (data/jpeg_region.py's helper not used)."""
+    """Our loader with the crop decoded by Pillow's whole decode and resized by Pillow (data/jpeg_region.py's
+    helper not used)."""
     loader.setup.decode.region = False
     return loader
 
@@ -193,6 +194,12 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     augmented = [middle(image) for image in cropped]
     batch = 64
 
+    def pillow_resize(record):  # ours with Pillow's resize of the decoded region, as before data/resample.c
+        decoded = ours.decode(record)
+        if isinstance(decoded.pixels, jpeg_region.RawRGB):
+            decoded = decoded._replace(pixels=decoded.pixels.image())
+        return resized_box(decoded, crop.size)
+
     def batches(outputs_of: Callable) -> None:
         # stack + share_memory_: what a worker does to hand a batch to the main process
         for start in range(0, len(augmented), batch):
@@ -211,7 +218,8 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
         'decode + crop: full decode, timm crop': lambda: [crop(decode_image(r)) for r in records],
         'decode + crop: reduced-scale, Pillow decode': lambda: [pillow_reduced(r) for r in records],
         'decode + crop: full scale, crop-region decode': lambda: [region_full(r) for r in records],
-        'decode + crop: reduced-scale + crop-region decode (ours)': lambda: [ours(r) for r in records],
+        'decode + crop: reduced-scale + crop-region decode, Pillow resize': lambda: [pillow_resize(r) for r in records],
+        'decode + crop: reduced-scale + crop-region decode + C resize (ours)': lambda: [ours(r) for r in records],
         'flip + RandAugment (the same in both)': lambda: [middle(image) for image in cropped],
         'to tensor, normalise, erase, stack, share: float per image': lambda: batches(float_per_image),
         'the same: uint8, batch normalised in the worker (ours, CPU device)': lambda: batches(
@@ -241,7 +249,8 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
 COMPONENT_PAIRS = {
     'decode + crop: reduced-scale, Pillow decode': 'decode + crop: full decode, timm crop',
     'decode + crop: full scale, crop-region decode': 'decode + crop: full decode, timm crop',
-    'decode + crop: reduced-scale + crop-region decode (ours)': 'decode + crop: full decode, timm crop',
+    'decode + crop: reduced-scale + crop-region decode, Pillow resize': 'decode + crop: full decode, timm crop',
+    'decode + crop: reduced-scale + crop-region decode + C resize (ours)': 'decode + crop: full decode, timm crop',
     'the same: uint8, batch normalised in the worker (ours, CPU device)':
         'to tensor, normalise, erase, stack, share: float per image',
     'the same: uint8 sent, normalised on the device (ours, GPU)':
@@ -304,7 +313,8 @@ def main(argv=None) -> None:
     makers: Dict[Tuple[str, str], Callable[[int], Iterable]] = {
         ('train', 'torchvision'): lambda w: torchvision_baseline(config_for(w), tokenizer, folder, w, args.batch),
         ('train', 'ours'): lambda w: build_train_loader(config_for(w), tokenizer, 0, 1),
-        ('train', 'ours, Pillow decode'): lambda w: pillow_decode(build_train_loader(config_for(w), tokenizer, 0, 1)),
+        ('train', 'ours, Pillow decode and resize'): lambda w: pillow_decode(
+            build_train_loader(config_for(w), tokenizer, 0, 1)),
         ('train', 'ours, uint8 to main (GPU path)'): lambda w: uint8_to_main(
             build_train_loader(config_for(w), tokenizer, 0, 1)),
         ('eval', 'torchvision'): lambda w: eval_torchvision(base, folder, w, args.batch),

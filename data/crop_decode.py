@@ -8,8 +8,9 @@ decoding, through Pillow's `Image.draft`) at which the box still has at least IM
 The box is mapped into the reduced image's coordinates (pixel k of a 1/s decode covers original pixels
 [k*s, (k+1)*s)) and resized from there with the same filter, sub-pixel exact.
 
-Where the optional libjpeg-turbo helper is built (data/jpeg_region.py), only the box's rectangle of the
-(reduced) image is decoded, with the pixels a whole decode has there; elsewhere Pillow decodes it all.
+Where the optional C helper is built (data/jpeg_region.py), only the box's rectangle of the (reduced) image
+is decoded, with the pixels a whole decode has there, and resized by data/resample.c, with the pixels
+Pillow's resize gives; elsewhere Pillow decodes it all and resizes.
 
 At scale 1 (no box big enough to reduce, or not a JPEG) the pixels are exactly timm's: the same decode
 and the same `resized_crop`. At 1/2-1/8 the decode's own low-pass replaces part of the resize filter's;
@@ -20,14 +21,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Tuple, Union
 
 import torchvision.transforms.functional as F
 from PIL import Image, JpegImagePlugin
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from .decode import load_rgb, open_image
-from .jpeg_region import decode_region
+from . import jpeg_region
 from .sources.base import BadSample, Record
 
 # The DCT scales libjpeg decodes at by Pillow's draft, largest reduction first.
@@ -37,7 +38,7 @@ Box = Tuple[int, int, int, int]  # (top, left, height, width), as timm's get_par
 
 
 class DecodedCrop(NamedTuple):
-    pixels: Image.Image  # the 1/scale decode, or the part of it that starts at `origin`
+    pixels: Union[Image.Image, jpeg_region.RawRGB]  # the 1/scale decode, or the part of it that starts at `origin`
     origin: Tuple[int, int]  # (x, y) of pixels' first pixel in the 1/scale image
     box: Box  # in the original image's coordinates
     scale: int
@@ -75,20 +76,24 @@ def enclosing_pixels(box: Box, scale: int, image_size: Tuple[int, int]) -> Tuple
 
 
 def resized_box(decoded: DecodedCrop, size: Tuple[int, int]) -> Image.Image:
-    """The crop box of a decode, resized to `size` (height, width): at scale 1 timm's own call."""
+    """The crop box of a decode, resized to `size` (height, width): timm's crop-then-resize, which at scale 1
+    is Pillow's resize of exactly the box's pixels."""
     top, left, height, width = decoded.box
-    x, y = decoded.origin
-    if decoded.scale == 1:
-        return F.resized_crop(decoded.pixels, top - y, left - x, height, width, size, decoded.interpolation)
-    scale = decoded.scale
-    x0, y0, x1, y1 = left / scale - x, top / scale - y, (left + width) / scale - x, (top + height) / scale - y
-    # Cut the enclosing whole pixels first: like timm's crop-then-resize, the filter then sees (almost)
-    # only pixels of the box; resize's float box places the sampling grid on the box's exact edges.
+    x, y, scale = *decoded.origin, decoded.scale
     pixels = decoded.pixels
+    # At 1/scale, cut the enclosing whole pixels first: like timm's crop-then-resize, the filter then sees
+    # (almost) only pixels of the box; resize's float box places the sampling grid on the box's exact edges.
+    x0, y0, x1, y1 = left / scale - x, top / scale - y, (left + width) / scale - x, (top + height) / scale - y
     cut = (math.floor(x0), math.floor(y0), min(math.ceil(x1), pixels.width), min(math.ceil(y1), pixels.height))
-    region = pixels.crop(cut)
-    return region.resize((size[1], size[0]), F.pil_modes_mapping[decoded.interpolation],
-                         box=(x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1]))
+    box = (x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1])
+    resample = F.pil_modes_mapping[decoded.interpolation]
+    if isinstance(pixels, jpeg_region.RawRGB):
+        if cut == (0, 0, pixels.width, pixels.height):  # a region decoded as enclosing_pixels cut it
+            resized = jpeg_region.resize(pixels, (size[1], size[0]), resample, box)
+            if resized is not None:
+                return resized
+        pixels = pixels.image()
+    return pixels.crop(cut).resize((size[1], size[0]), resample, box=box)
 
 
 class CropDecoder:
@@ -122,7 +127,7 @@ class CropDecoder:
                 scale = dct_scale(box[3], box[2], out_w, out_h)
             if self.region and image.format == 'JPEG':
                 left, top, right, bottom = enclosing_pixels(box, scale, image.size)
-                pixels = decode_region(record.image, scale, left, top, right - left, bottom - top)
+                pixels = jpeg_region.decode_raw_region(record.image, scale, left, top, right - left, bottom - top)
                 if pixels is not None:
                     return DecodedCrop(pixels, (left, top), box, scale, interpolation)
             scale = draft_at(image, scale)

@@ -9,9 +9,9 @@
  * libjpeg warning such as corrupt or truncated data) returns REGION_FALLBACK, and the caller decodes the
  * whole file with Pillow, whose bad-data behaviour then applies unchanged.
  *
- * Built by `python -m data.jpeg_region` (the Makefile does it): cc -O2 -shared -fPIC, linked against the
- * libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump REGION_ABI_VERSION whenever the interface changes;
- * data/jpeg_region.py refuses a library of another. */
+ * Built with data/resample.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2 -shared -fPIC,
+ * linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump REGION_ABI_VERSION whenever the
+ * interface of either file changes; data/jpeg_region.py refuses a library of another. */
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,7 +19,7 @@
 
 #include <jpeglib.h>
 
-#define REGION_ABI_VERSION 1
+#define REGION_ABI_VERSION 2
 #define REGION_OK 0
 #define REGION_FALLBACK 1
 #define REGION_BAD_ARGUMENT 2

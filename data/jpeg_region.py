@@ -1,10 +1,12 @@
-"""Decode only the training crop's rectangle of a JPEG (data/jpeg_region.c, libjpeg-turbo's partial decode).
+"""The training crop's pixels in C: only the crop's rectangle of a JPEG decoded (data/jpeg_region.c,
+libjpeg-turbo's partial decode), then resized by Pillow's resize algorithm with SIMD (data/resample.c).
 
 Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
-outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them
-(tests/test_jpeg_region.py). It is an optional accelerator: built by `make` (or `python -m data.jpeg_region`)
-with the C compiler and libjpeg-turbo's headers where they exist; without it, or for a file it declines,
-the crop is decoded by Pillow as before. `describe()` says which is in use (logged when training starts).
+outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them, and its resize
+gives Pillow's resize bit for bit in a third of the time (tests/test_jpeg_region.py). It is an optional
+accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler and libjpeg-turbo's headers
+where they exist; without it, or for a file it declines, the crop is decoded and resized by Pillow as before.
+`describe()` says which is in use (logged when training starts).
 
     python -m data.jpeg_region            # build data/_jpeg_region.so
 """
@@ -18,17 +20,19 @@ import shutil
 import subprocess
 import sys
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import PIL
 from PIL import Image
 
 from .decode import ends_in_end_of_image
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'jpeg_region.c')
-LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_jpeg_region.so')
-ABI_VERSION = 1  # REGION_ABI_VERSION in jpeg_region.c
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, 'jpeg_region.c'), os.path.join(HERE, 'resample.c')]
+LIBRARY = os.path.join(HERE, '_jpeg_region.so')
+ABI_VERSION = 2  # REGION_ABI_VERSION in jpeg_region.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
+READ_SLACK = 8  # bytes resample.c may read past an image's last pixel
 
 
 def pillow_libjpeg() -> Optional[str]:
@@ -37,8 +41,9 @@ def pillow_libjpeg() -> Optional[str]:
     return sorted(bundled)[0] if bundled else None
 
 
-def build(output: str = LIBRARY, compiler: Optional[str] = None) -> str:
-    """Compile jpeg_region.c into `output`; raises RuntimeError with the compiler's message on failure.
+def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[str, ...] = ()) -> str:
+    """Compile jpeg_region.c and resample.c into `output`; raises RuntimeError with the compiler's message on
+    failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops) become -D flags.
 
     It links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it must
     reproduce, and a name no other library in the process has. A plain `-ljpeg` (soname libjpeg.so.62) would
@@ -50,7 +55,8 @@ def build(output: str = LIBRARY, compiler: Optional[str] = None) -> str:
     partial = f'{output}.{os.getpid()}.tmp'
     bundled = pillow_libjpeg()
     libjpeg = [bundled, f'-Wl,-rpath,{os.path.dirname(bundled)}'] if bundled else ['-ljpeg']
-    command = [compiler, '-O2', '-shared', '-fPIC', SOURCE, '-o', partial] + libjpeg
+    flags = ['-O2', '-shared', '-fPIC'] + [f'-D{name}' for name in defines]
+    command = [compiler] + flags + SOURCES + ['-o', partial] + libjpeg
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr.strip()}')
@@ -73,7 +79,10 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
         return None, f'decoded whole by Pillow ({path} is ABI {abi}, not {ABI_VERSION}: rebuild it)'
     library.unicl_jpeg_region.restype = ctypes.c_int
     library.unicl_jpeg_region.argtypes = [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p]
-    return library, f"only the crop's rectangle decoded, by libjpeg-turbo ({path})"
+    library.unicl_resample_rgb.restype = ctypes.c_int
+    library.unicl_resample_rgb.argtypes = ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4
+                                           + [ctypes.c_int] * 3 + [ctypes.c_char_p])
+    return library, f"only the crop's rectangle decoded, by libjpeg-turbo, and resized in C ({path})"
 
 
 def available() -> bool:
@@ -84,23 +93,56 @@ def describe() -> str:
     return _library()[1]
 
 
-def decode_region(data: bytes, scale: int, left: int, top: int, width: int, height: int) -> Optional[Image.Image]:
-    """Pixels [top, top+height) x [left, left+width) of the 1/scale decode of JPEG `data`, as an RGB image,
-    or None where the helper is missing or declines (not YCbCr or greyscale, a libjpeg warning, no
-    end-of-image marker last): the caller then decodes with Pillow, so bad data meets Pillow's checks.
+class RawRGB(NamedTuple):
+    """Packed 8-bit RGB rows in a buffer with READ_SLACK bytes after them: what the C functions take."""
+    buffer: ctypes.Array
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, image: Image.Image) -> 'RawRGB':
+        return cls(ctypes.create_string_buffer(image.convert('RGB').tobytes() + bytes(READ_SLACK)), *image.size)
+
+    def image(self) -> Image.Image:
+        return Image.frombuffer('RGB', (self.width, self.height), self.buffer, 'raw', 'RGB', 0, 1)
+
+
+def decode_raw_region(data: bytes, scale: int, left: int, top: int, width: int, height: int) -> Optional[RawRGB]:
+    """Pixels [top, top+height) x [left, left+width) of the 1/scale decode of JPEG `data`, or None where the
+    helper is missing or declines (not YCbCr or greyscale, a libjpeg warning, no end-of-image marker last):
+    the caller then decodes with Pillow, so bad data meets Pillow's checks.
 
     Rows below the box are never decoded, so damage there would go unseen; a file must end in the
     end-of-image marker, which a truncated file lacks."""
     library = _library()[0]
     if library is None or not ends_in_end_of_image(data):
         return None
-    out = ctypes.create_string_buffer(width * height * 3)
+    out = ctypes.create_string_buffer(width * height * 3 + READ_SLACK)
     status = library.unicl_jpeg_region(data, len(data), scale, left, top, width, height, out)
     if status == BAD_ARGUMENT:
         raise ValueError(f'box {(left, top, width, height)} at 1/{scale} lies outside the image')
     if status != OK:
         return None
-    return Image.frombuffer('RGB', (width, height), out, 'raw', 'RGB', 0, 1)
+    return RawRGB(out, width, height)
+
+
+def decode_region(data: bytes, scale: int, left: int, top: int, width: int, height: int) -> Optional[Image.Image]:
+    """decode_raw_region as an RGB image."""
+    raw = decode_raw_region(data, scale, left, top, width, height)
+    return None if raw is None else raw.image()
+
+
+def resize(raw: RawRGB, size: Tuple[int, int], resample: int,
+           box: Tuple[float, float, float, float]) -> Optional[Image.Image]:
+    """`raw.image().resize(size, resample, box=box)`, the same pixels, computed by data/resample.c; None where
+    the helper is missing or does not do it (filters other than Pillow's BILINEAR and BICUBIC)."""
+    library = _library()[0]
+    if library is None:
+        return None
+    out = ctypes.create_string_buffer(size[0] * size[1] * 3)
+    if library.unicl_resample_rgb(raw.buffer, raw.width, raw.height, *box, int(resample), *size, out) != OK:
+        return None
+    return Image.frombuffer('RGB', size, out, 'raw', 'RGB', 0, 1)
 
 
 def main(argv=None) -> None:

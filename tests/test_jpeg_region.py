@@ -1,6 +1,7 @@
-"""The optional libjpeg-turbo crop decoder (data/jpeg_region.c) against Pillow's whole decode: the same
-pixels in the box for every subsampling, progressive and greyscale files, odd sizes and the DCT scales; a
-clean refusal (Pillow then decodes) for what it does not handle; and the training crop unchanged by it."""
+"""The optional C helper against Pillow: its libjpeg-turbo crop decoder (data/jpeg_region.c) gives the same
+pixels in the box as Pillow's whole decode for every subsampling, progressive and greyscale files, odd sizes
+and the DCT scales; its resize (data/resample.c, SIMD and portable builds) gives Pillow's resize bit for bit;
+a clean refusal (Pillow then decodes or resizes) for what it does not handle; the training crop unchanged."""
 from __future__ import annotations
 
 import io
@@ -11,30 +12,48 @@ import random
 import numpy as np
 import pytest
 from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from data import jpeg_region
 from data.crop_decode import CropDecoder
 from data.decode import END_OF_IMAGE
 from data.sources.base import CORRUPT, BadSample, Record
-from tests.test_crop_decode import _textured, _timm_crop
+from tests.test_crop_decode import OUT, _textured
 from tests.test_data_fixtures import data_config, epoch_batches, loader_for, same_batches
+
+
+def _build(tmp_path_factory, *defines: str) -> str:
+    try:
+        return jpeg_region.build(str(tmp_path_factory.mktemp('jpeg_region') / '_jpeg_region.so'), defines=defines)
+    except RuntimeError as exc:
+        pytest.skip(f'the helper cannot be built here (then Pillow decodes): {exc}')
 
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory) -> str:
     """The helper compiled from the current source (not whatever `make` left in data/)."""
-    try:
-        return jpeg_region.build(str(tmp_path_factory.mktemp('jpeg_region') / '_jpeg_region.so'))
-    except RuntimeError as exc:
-        pytest.skip(f'the helper cannot be built here (then Pillow decodes): {exc}')
+    return _build(tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def built_portable(tmp_path_factory) -> str:
+    """The helper without its AVX2 loops, as on a CPU (or compiler) without them."""
+    return _build(tmp_path_factory, 'UNICL_NO_AVX2')
 
 
 @pytest.fixture
-def helper(built, monkeypatch):
-    monkeypatch.setattr(jpeg_region, 'LIBRARY', built)
+def use_library(monkeypatch):
+    """use_library(path): the helper at `path` for this test."""
+    def use(path: str) -> None:
+        monkeypatch.setattr(jpeg_region, 'LIBRARY', path)
+        jpeg_region._library.cache_clear()
+    yield use
     jpeg_region._library.cache_clear()
-    yield
-    jpeg_region._library.cache_clear()
+
+
+@pytest.fixture
+def helper(built, use_library):
+    use_library(built)
 
 
 def _encode(image: Image.Image, **options) -> bytes:
@@ -96,10 +115,56 @@ def test_what_it_does_not_handle_is_left_to_pillow(helper):
         jpeg_region.decode_region(data, 1, 150, 0, 51, 10)
 
 
-def test_the_training_crop_is_the_same_with_and_without_it(helper):
+def _resize_cases(seed: int):
+    """(image, output size, Pillow filter, float box): shrinking up to 5x, enlarging up to 4x, whole-pixel and
+    sub-pixel boxes, boxes on the edges, 1-pixel images and outputs, noise (overshooting filters clamp)."""
+    rng = random.Random(seed)
+    for case in range(120):
+        tiny = case % 40 == 0
+        width, height = rng.choice([(1, 1), (1, 7), (9, 1)]) if tiny else (rng.randint(2, 520), rng.randint(2, 520))
+        image = _textured(width, height, case) if case % 3 else Image.fromarray(
+            np.random.default_rng(case).integers(0, 256, (height, width, 3), dtype=np.uint8))
+        x0, y0 = rng.uniform(0, width * 0.4), rng.uniform(0, height * 0.4)
+        x1, y1 = rng.uniform(x0 + 0.25, width), rng.uniform(y0 + 0.25, height)
+        if case % 5 == 0:
+            x0, y0, x1, y1 = 0, 0, width, height
+        elif case % 5 == 1:
+            x0, y0, x1, y1 = int(x0), int(y0), max(int(x1), int(x0) + 1), max(int(y1), int(y0) + 1)
+        box_w, box_h = x1 - x0, y1 - y0
+        out = (224, 224) if case % 4 == 0 else tuple(max(1, round(side * rng.uniform(0.2, 4))) for side in (box_w, box_h))
+        yield image, out, (Image.BICUBIC, Image.BILINEAR)[case % 2], (x0, y0, x1, y1)
+
+
+@pytest.mark.parametrize('build', ['built', 'built_portable'])
+def test_the_resize_is_pillows_pixel_for_pixel(build, request, use_library):
+    use_library(request.getfixturevalue(build))
+    for image, size, resample, box in _resize_cases(seed=len(build)):
+        ours = jpeg_region.resize(jpeg_region.RawRGB.of(image), size, resample, box)
+        if image.height > 100 * image.width and size[1] < image.height:  # Pillow's other order: declined
+            assert ours is None
+            continue
+        assert ours is not None and ours.size == size
+        expected = np.asarray(image.resize(size, resample, box=box))
+        assert np.array_equal(np.asarray(ours), expected), (image.size, size, resample, box)
+
+
+def test_the_resize_leaves_what_it_does_not_do_to_pillow(helper):
+    """Other filters, and the very tall images Pillow resizes in the other order, go back to Pillow: the
+    crop's pixels are still Pillow's."""
+    image = _textured(300, 200, 1)
+    for resample in (Image.NEAREST, Image.LANCZOS, Image.HAMMING, Image.BOX):
+        assert jpeg_region.resize(jpeg_region.RawRGB.of(image), (64, 64), resample, (0, 0, 300, 200)) is None
+    tall = _textured(3, 400, 2)
+    assert jpeg_region.resize(jpeg_region.RawRGB.of(tall), (2, 50), Image.BICUBIC, (0, 0, 3, 400)) is None
+    assert jpeg_region.resize(jpeg_region.RawRGB.of(tall), (2, 500), Image.BICUBIC, (0, 0, 3, 400)) is not None
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'random'])
+def test_the_training_crop_is_the_same_with_and_without_it(helper, interpolation):
     """CropDecoder with the helper equals it without, draw for draw and pixel for pixel, at full and
-    reduced scales; a truncated JPEG is still a bad sample that draws nothing."""
-    crop = _timm_crop()
+    reduced scales and with timm's random filter choice; a truncated JPEG is still a bad sample that draws
+    nothing."""
+    crop = RandomResizedCropAndInterpolation(OUT, interpolation=interpolation)
     files = [_encode(_textured(w, h, i), quality=90, subsampling=(0, 2)[i % 2])
              for i, (w, h) in enumerate([(700, 560), (600, 800), (520, 390), (1100, 700)])]
     with_helper, pillow_only = CropDecoder(crop), CropDecoder(crop, region=False)
@@ -108,7 +173,8 @@ def test_the_training_crop_is_the_same_with_and_without_it(helper):
         record = Record(files[seed % len(files)], f'file {seed % len(files)}')
         random.seed(seed)
         decoded = with_helper.decode(record)
-        assert decoded.origin != (0, 0) or decoded.pixels.size != Image.open(io.BytesIO(record.image)).size
+        region = (decoded.pixels.width, decoded.pixels.height)
+        assert decoded.origin != (0, 0) or region != Image.open(io.BytesIO(record.image)).size
         scales.add(decoded.scale)
         random.seed(seed)
         ours, after = np.asarray(with_helper(record)), random.getstate()
