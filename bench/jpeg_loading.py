@@ -59,7 +59,8 @@ from data.gpu_decode import build_batched_decode_pipeline  # noqa: E402
 from data.normalize import split_tail, stack_images  # noqa: E402
 from data.order import seeded_global_rngs  # noqa: E402
 from data.sources.base import Record  # noqa: E402
-from data.transforms import build_eval_transform, build_train_pipeline, build_train_transform  # noqa: E402
+from data.transforms import (affine_ops_in_c, build_eval_transform, build_train_pipeline,  # noqa: E402
+                             build_train_transform)
 from evaluation.data import ImageList, image_folder, sharded_loader  # noqa: E402
 from model import build_tokenizer  # noqa: E402
 
@@ -187,6 +188,8 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     official = build_train_transform(config)
     assert len(official.transforms) == 6, official  # crop, flip, RandAugment, to tensor, normalise, erase
     crop, middle = official.transforms[0], transforms.Compose(official.transforms[1:-3])
+    middle_c_affine = transforms.Compose([affine_ops_in_c(step)
+                                          for step in build_train_transform(config).transforms[1:-3]])
     float_tail = transforms.Compose(official.transforms[-3:])
     pillow_reduced, region_full, ours = CropDecoder(crop, region=False), CropDecoder(crop, reduce=False), CropDecoder(crop)
     _, deferred, finish = split_tail(official.transforms[1:])
@@ -220,7 +223,8 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
         'decode + crop: full scale, crop-region decode': lambda: [region_full(r) for r in records],
         'decode + crop: reduced-scale + crop-region decode, Pillow resize': lambda: [pillow_resize(r) for r in records],
         'decode + crop: reduced-scale + crop-region decode + C resize (ours)': lambda: [ours(r) for r in records],
-        'flip + RandAugment (the same in both)': lambda: [middle(image) for image in cropped],
+        'flip + RandAugment (official)': lambda: [middle(image) for image in cropped],
+        'flip + RandAugment, affine ops in C (ours)': lambda: [middle_c_affine(image) for image in cropped],
         'to tensor, normalise, erase, stack, share: float per image': lambda: batches(float_per_image),
         'the same: uint8, batch normalised in the worker (ours, CPU device)': lambda: batches(
             uint8_finished_in_worker),
@@ -251,6 +255,7 @@ COMPONENT_PAIRS = {
     'decode + crop: full scale, crop-region decode': 'decode + crop: full decode, timm crop',
     'decode + crop: reduced-scale + crop-region decode, Pillow resize': 'decode + crop: full decode, timm crop',
     'decode + crop: reduced-scale + crop-region decode + C resize (ours)': 'decode + crop: full decode, timm crop',
+    'flip + RandAugment, affine ops in C (ours)': 'flip + RandAugment (official)',
     'the same: uint8, batch normalised in the worker (ours, CPU device)':
         'to tensor, normalise, erase, stack, share: float per image',
     'the same: uint8 sent, normalised on the device (ours, GPU)':

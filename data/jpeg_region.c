@@ -19,7 +19,7 @@
 
 #include <jpeglib.h>
 
-#define REGION_ABI_VERSION 2
+#define REGION_ABI_VERSION 3
 #define REGION_OK 0
 #define REGION_FALLBACK 1
 #define REGION_BAD_ARGUMENT 2

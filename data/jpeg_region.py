@@ -1,12 +1,13 @@
-"""The training crop's pixels in C: only the crop's rectangle of a JPEG decoded (data/jpeg_region.c,
-libjpeg-turbo's partial decode), then resized by Pillow's resize algorithm with SIMD (data/resample.c).
+"""The training images' pixel work in C, with Pillow's pixels: only the crop's rectangle of a JPEG decoded
+(data/jpeg_region.c, libjpeg-turbo's partial decode), resized by Pillow's resize algorithm with SIMD
+(data/resample.c), and RandAugment's rotate / shear / translate by Pillow's affine algorithm (data/affine.c).
 
 Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
-outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them, and its resize
-gives Pillow's resize bit for bit in a third of the time (tests/test_jpeg_region.py). It is an optional
-accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler and libjpeg-turbo's headers
-where they exist; without it, or for a file it declines, the crop is decoded and resized by Pillow as before.
-`describe()` says which is in use (logged when training starts).
+outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them; its resize
+and affine transform give Pillow's bit for bit, about 3x and 2x faster (tests/test_jpeg_region.py). It is an
+optional accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler and
+libjpeg-turbo's headers where they exist; without it, or for an input it declines, Pillow does the work as
+before. `describe()` says which is in use (logged when training starts).
 
     python -m data.jpeg_region            # build data/_jpeg_region.so
 """
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from functools import lru_cache
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import PIL
 from PIL import Image
@@ -28,11 +29,12 @@ from PIL import Image
 from .decode import ends_in_end_of_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, 'jpeg_region.c'), os.path.join(HERE, 'resample.c')]
+SOURCES = [os.path.join(HERE, name) for name in ('jpeg_region.c', 'resample.c', 'affine.c')]
 LIBRARY = os.path.join(HERE, '_jpeg_region.so')
-ABI_VERSION = 2  # REGION_ABI_VERSION in jpeg_region.c
+ABI_VERSION = 3  # REGION_ABI_VERSION in jpeg_region.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
-READ_SLACK = 8  # bytes resample.c may read past an image's last pixel
+READ_SLACK = 8  # bytes resample.c and affine.c may read past an image's last pixel
+C_FILTERS = (Image.BILINEAR, Image.BICUBIC)  # the Pillow filters the C code reproduces
 
 
 def pillow_libjpeg() -> Optional[str]:
@@ -55,7 +57,8 @@ def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[
     partial = f'{output}.{os.getpid()}.tmp'
     bundled = pillow_libjpeg()
     libjpeg = [bundled, f'-Wl,-rpath,{os.path.dirname(bundled)}'] if bundled else ['-ljpeg']
-    flags = ['-O2', '-shared', '-fPIC'] + [f'-D{name}' for name in defines]
+    # No contraction of a * b + c into FMAs: the results must round as Pillow's (x86-64 wheels) do.
+    flags = ['-O2', '-shared', '-fPIC', '-ffp-contract=off'] + [f'-D{name}' for name in defines]
     command = [compiler] + flags + SOURCES + ['-o', partial] + libjpeg
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -66,7 +69,7 @@ def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[
 
 @lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[ctypes.CDLL], str]:
-    """(the helper at LIBRARY, loaded, or None; a one-line description of what decodes the crops)."""
+    """(the helper at LIBRARY, loaded, or None; a one-line description of what decodes and resizes the crops)."""
     path = LIBRARY
     if not os.path.exists(path):
         return None, f'decoded whole by Pillow ({os.path.relpath(path)} not built: python -m data.jpeg_region)'
@@ -82,7 +85,11 @@ def _library() -> Tuple[Optional[ctypes.CDLL], str]:
     library.unicl_resample_rgb.restype = ctypes.c_int
     library.unicl_resample_rgb.argtypes = ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4
                                            + [ctypes.c_int] * 3 + [ctypes.c_char_p])
-    return library, f"only the crop's rectangle decoded, by libjpeg-turbo, and resized in C ({path})"
+    library.unicl_affine_rgb.restype = ctypes.c_int
+    library.unicl_affine_rgb.argtypes = ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_double)]
+                                         + [ctypes.c_int] * 3 + [ctypes.c_char_p] * 2)
+    return library, (f"only the crop's rectangle decoded, by libjpeg-turbo; the crop's resize and RandAugment's "
+                     f"affine ops in C ({path})")
 
 
 def available() -> bool:
@@ -95,13 +102,14 @@ def describe() -> str:
 
 class RawRGB(NamedTuple):
     """Packed 8-bit RGB rows in a buffer with READ_SLACK bytes after them: what the C functions take."""
-    buffer: ctypes.Array
+    buffer: Union[bytes, ctypes.Array]
     width: int
     height: int
 
     @classmethod
     def of(cls, image: Image.Image) -> 'RawRGB':
-        return cls(ctypes.create_string_buffer(image.convert('RGB').tobytes() + bytes(READ_SLACK)), *image.size)
+        rgb = image if image.mode == 'RGB' else image.convert('RGB')
+        return cls(rgb.tobytes() + bytes(READ_SLACK), *image.size)  # read, never written, by the C code
 
     def image(self) -> Image.Image:
         return Image.frombuffer('RGB', (self.width, self.height), self.buffer, 'raw', 'RGB', 0, 1)
@@ -143,6 +151,54 @@ def resize(raw: RawRGB, size: Tuple[int, int], resample: int,
     if library.unicl_resample_rgb(raw.buffer, raw.width, raw.height, *box, int(resample), *size, out) != OK:
         return None
     return Image.frombuffer('RGB', size, out, 'raw', 'RGB', 0, 1)
+
+
+def _rgb_fill(fillcolor) -> Optional[bytes]:
+    """The fill colour as 3 bytes where it is None (black) or an RGB triple, else None (left to Pillow)."""
+    if fillcolor is None:
+        return bytes(3)
+    if isinstance(fillcolor, (tuple, list)) and len(fillcolor) == 3 and all(
+            isinstance(v, int) and 0 <= v <= 255 for v in fillcolor):
+        return bytes(fillcolor)
+    return None
+
+
+def affine(image: Image.Image, size: Tuple[int, int], data, resample: int, fillcolor=None) -> Optional[Image.Image]:
+    """`image.transform(size, Image.AFFINE, data, resample, fillcolor=fillcolor)`, the same pixels, computed by
+    data/affine.c; None where the helper is missing or does not do it (modes other than RGB, filters other than
+    BILINEAR and BICUBIC, fill colours other than None or an RGB triple)."""
+    library, fill = _library()[0], _rgb_fill(fillcolor)
+    if library is None or fill is None or image.mode != 'RGB' or resample not in C_FILTERS or len(data) < 6:
+        return None
+    raw = RawRGB.of(image)
+    out = ctypes.create_string_buffer(size[0] * size[1] * 3)
+    matrix = (ctypes.c_double * 6)(*data[:6])
+    if library.unicl_affine_rgb(raw.buffer, raw.width, raw.height, matrix, int(resample), *size, fill, out) != OK:
+        return None
+    result = Image.frombuffer('RGB', size, out, 'raw', 'RGB', 0, 1)
+    result.info = image.info.copy()
+    return result
+
+
+class CAffineImage(Image.Image):
+    """A PIL image whose AFFINE transform (and so `rotate`) runs in data/affine.c where it can, with the same
+    pixels; everything else is Pillow's. `with_c_affine` gives timm's augment ops such images."""
+
+    def transform(self, size, method, data=None, resample=Image.NEAREST, fill=1, fillcolor=None):
+        if method == Image.AFFINE and data is not None:
+            result = affine(self, tuple(size), data, resample, fillcolor)
+            if result is not None:
+                return result
+        return super().transform(size, method, data, resample, fill, fillcolor)
+
+
+def with_c_affine(operation: Callable, image: Image.Image, *args, **kwargs):
+    """operation(image, ...) with `image` turned into a CAffineImage: timm's rotate, shear and translate ops
+    compute their matrices as before and end in its `transform`. (The class of a plain Image can be swapped:
+    it has no slots, and CAffineImage adds no state.)"""
+    if type(image) is Image.Image and image.mode == 'RGB':
+        image.__class__ = CAffineImage
+    return operation(image, *args, **kwargs)
 
 
 def main(argv=None) -> None:

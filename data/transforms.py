@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 from PIL import Image
 from timm.data import create_transform
+from timm.data.auto_augment import AugmentOp
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from . import jpeg_region
 from .crop_decode import CropDecoder
 from .decode import decode_image
 from .normalize import split_tail, stack_images
@@ -101,6 +104,18 @@ class TrainPipeline:
     stack: Callable = stack_images  # the transform's outputs -> (batch, erasing), in the workers
 
 
+def affine_ops_in_c(step: Callable) -> Callable:
+    """timm's RandAugment / AutoAugment with their rotate, shear and translate ops ending in data/affine.c
+    (data/jpeg_region.py's CAffineImage): the same draws and pixels, the affine resampling ~2x faster. Other
+    steps unchanged."""
+    operations = list(getattr(step, 'ops', []))  # RandAugment
+    operations += [op for sub_policy in getattr(step, 'policy', []) for op in sub_policy]  # AutoAugment
+    for op in operations:
+        if isinstance(op, AugmentOp) and not isinstance(op.aug_fn, partial):
+            op.aug_fn = partial(jpeg_region.with_c_affine, op.aug_fn)
+    return step
+
+
 def build_train_pipeline(config) -> TrainPipeline:
     """The official training transform split for the loader.
 
@@ -111,6 +126,8 @@ def build_train_pipeline(config) -> TrainPipeline:
     a DeferredTail in the workers and an ImageFinisher on the device (data/normalize.py: bit-identical on
     the CPU, and a quarter of the bytes to move)."""
     steps = list(build_train_transform(config).transforms)
+    if jpeg_region.available():
+        steps = [affine_ops_in_c(step) for step in steps]
     decode: Callable[[Record], Image.Image] = decode_image
     if isinstance(steps[0], RandomResizedCropAndInterpolation):
         decode = CropDecoder(steps.pop(0), reduce=config.DATA.REDUCED_DECODE)

@@ -11,13 +11,18 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+from configs import load_config
 from data import jpeg_region
 from data.crop_decode import CropDecoder
 from data.decode import END_OF_IMAGE
+from data.order import seeded_global_rngs
 from data.sources.base import CORRUPT, BadSample, Record
+from data.transforms import affine_ops_in_c, build_train_transform
+from tests.conftest import ROOT
 from tests.test_crop_decode import OUT, _textured
 from tests.test_data_fixtures import data_config, epoch_batches, loader_for, same_batches
 
@@ -131,7 +136,8 @@ def _resize_cases(seed: int):
         elif case % 5 == 1:
             x0, y0, x1, y1 = int(x0), int(y0), max(int(x1), int(x0) + 1), max(int(y1), int(y0) + 1)
         box_w, box_h = x1 - x0, y1 - y0
-        out = (224, 224) if case % 4 == 0 else tuple(max(1, round(side * rng.uniform(0.2, 4))) for side in (box_w, box_h))
+        scaled = tuple(max(1, round(side * rng.uniform(0.2, 4))) for side in (box_w, box_h))
+        out = (224, 224) if case % 4 == 0 else scaled
         yield image, out, (Image.BICUBIC, Image.BILINEAR)[case % 2], (x0, y0, x1, y1)
 
 
@@ -157,6 +163,75 @@ def test_the_resize_leaves_what_it_does_not_do_to_pillow(helper):
     tall = _textured(3, 400, 2)
     assert jpeg_region.resize(jpeg_region.RawRGB.of(tall), (2, 50), Image.BICUBIC, (0, 0, 3, 400)) is None
     assert jpeg_region.resize(jpeg_region.RawRGB.of(tall), (2, 500), Image.BICUBIC, (0, 0, 3, 400)) is not None
+
+
+def _affine_cases(seed: int):
+    """(image, output size, AFFINE data, Pillow filter, fill colour): rotations (the matrices Pillow's rotate
+    makes), shears and translations as RandAugment draws them, and arbitrary matrices that also sample
+    outside the image (the fill) and past its edges."""
+    rng = np.random.default_rng(seed)
+    for case in range(90):
+        width, height = (int(v) for v in rng.integers(1, 300, 2))
+        image = _textured(width, height, case) if case % 3 else Image.fromarray(
+            rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        if case % 3 == 0:
+            angle = np.radians(rng.uniform(-30, 30))
+            c, s = round(np.cos(angle), 15), round(np.sin(angle), 15)
+            center_x, center_y = width / 2, height / 2
+            data = (c, s, center_x - c * center_x - s * center_y, -s, c, center_y + s * center_x - c * center_y)
+        elif case % 3 == 1:
+            data = (1, rng.uniform(-0.3, 0.3), rng.uniform(-0.45, 0.45) * width, rng.uniform(-0.3, 0.3), 1, 0)
+        else:
+            data = tuple(rng.normal(0, 1, 6) * (0.5, 0.5, 40, 0.5, 0.5, 40) + (1, 0, 0, 0, 1, 0))
+        size = (width, height) if case % 2 else tuple(int(v) for v in rng.integers(1, 300, 2))
+        yield image, size, data, (Image.BICUBIC, Image.BILINEAR)[case % 2], (None, (124, 116, 104))[case % 4 == 0]
+
+
+@pytest.mark.parametrize('build', ['built', 'built_portable'])
+def test_the_affine_transform_is_pillows_pixel_for_pixel(build, request, use_library):
+    use_library(request.getfixturevalue(build))
+    for image, size, data, resample, fillcolor in _affine_cases(seed=len(build)):
+        ours = jpeg_region.affine(image, size, data, resample, fillcolor)
+        assert ours is not None and ours.size == size
+        expected = np.asarray(image.transform(size, Image.AFFINE, data, resample, fillcolor=fillcolor))
+        assert np.array_equal(np.asarray(ours), expected), (image.size, size, data, resample, fillcolor)
+
+
+def test_the_affine_transform_leaves_what_it_does_not_do_to_pillow(helper):
+    image, data = _textured(60, 40, 3), (1, 0.2, 0, 0, 1, 0)
+    assert jpeg_region.affine(image, (60, 40), data, Image.NEAREST) is None
+    assert jpeg_region.affine(image.convert('L'), (60, 40), data, Image.BICUBIC) is None
+    assert jpeg_region.affine(image, (60, 40), data, Image.BICUBIC, fillcolor='red') is None
+    for fillcolor in (None, (1, 2, 3), 'red'):  # through the image class, always Pillow's pixels
+        fast = image.copy()
+        fast.__class__ = jpeg_region.CAffineImage
+        for resample in (Image.NEAREST, Image.BICUBIC):
+            assert np.array_equal(np.asarray(fast.rotate(17, resample=resample, fillcolor=fillcolor)),
+                                  np.asarray(image.rotate(17, resample=resample, fillcolor=fillcolor)))
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'random'])
+def test_randaugment_with_the_c_affine_is_timms(helper, monkeypatch, interpolation):
+    """The official RandAugment (rand-m9-mstd0.5-inc1) with its affine ops in C: the same tensors and random
+    states as timm's own, with C actually doing the rotations, shears and translations."""
+    config = load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'),
+                         ['DATA.IMG_SIZE', '64', 'DATA.INTERPOLATION', interpolation])
+    official, ours = build_train_transform(config), build_train_transform(config)
+    ours.transforms = [affine_ops_in_c(step) for step in ours.transforms]
+    calls = []
+    c_affine = jpeg_region.affine
+    monkeypatch.setattr(jpeg_region, 'affine', lambda *args: calls.append(args[3]) or c_affine(*args))
+    images = [_textured(90 + 7 * i, 70 + 5 * i, i) for i in range(8)]
+    for seed in range(60):
+        with seeded_global_rngs(seed):
+            expected = official(images[seed % len(images)])
+            after = (random.getstate(), np.random.get_state()[1].tolist(), torch.random.get_rng_state())
+        with seeded_global_rngs(seed):
+            assert torch.equal(ours(images[seed % len(images)]), expected)
+            assert (random.getstate(), np.random.get_state()[1].tolist()) == after[:2]
+            assert torch.equal(torch.random.get_rng_state(), after[2])
+    assert len(calls) >= 10 and set(calls) == ({Image.BICUBIC} if interpolation == 'bicubic' else
+                                               {Image.BICUBIC, Image.BILINEAR})
 
 
 @pytest.mark.parametrize('interpolation', ['bicubic', 'random'])
