@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 # The optional C helper that decodes only the training crop of a JPEG (data/jpeg_region.py); where it cannot be
 # built (no C compiler or libjpeg-turbo headers) the loader decodes with Pillow and says so in the log.
 JPEG_REGION := data/_jpeg_region.so
-$(JPEG_REGION): data/jpeg_region.c data/resample.c $(VENV)/.installed
+$(JPEG_REGION): data/jpeg_region.c data/resample.c data/affine.c $(VENV)/.installed
 	$(PY) -m data.jpeg_region --quiet-failure
 
 test: $(VENV)/.installed $(JPEG_REGION)

@@ -104,7 +104,7 @@ def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
 def pillow_decode(loader):
     """Our loader with the crop decoded by Pillow's whole decode and resized by Pillow (data/jpeg_region.py's
     helper not used)."""
-    loader.setup.decode.region = False
+    loader.setup.decode.native = False
     return loader
 
 
@@ -191,7 +191,7 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     middle_c_affine = transforms.Compose([affine_ops_in_c(step)
                                           for step in build_train_transform(config).transforms[1:-3]])
     float_tail = transforms.Compose(official.transforms[-3:])
-    pillow_reduced, region_full, ours = CropDecoder(crop, region=False), CropDecoder(crop, reduce=False), CropDecoder(crop)
+    pillow_reduced, region_full, ours = CropDecoder(crop, native=False), CropDecoder(crop, reduce=False), CropDecoder(crop)
     _, deferred, finish = split_tail(official.transforms[1:])
     cropped = [crop(decode_image(r)) for r in records]
     augmented = [middle(image) for image in cropped]
@@ -201,7 +201,7 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
         decoded = ours.decode(record)
         if isinstance(decoded.pixels, jpeg_region.RawRGB):
             decoded = decoded._replace(pixels=decoded.pixels.image())
-        return resized_box(decoded, crop.size)
+        return resized_box(decoded, crop.size, native=False)
 
     def batches(outputs_of: Callable) -> None:
         # stack + share_memory_: what a worker does to hand a batch to the main process
@@ -220,7 +220,7 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     variants: Dict[str, Callable[[], None]] = {
         'decode + crop: full decode, timm crop': lambda: [crop(decode_image(r)) for r in records],
         'decode + crop: reduced-scale, Pillow decode': lambda: [pillow_reduced(r) for r in records],
-        'decode + crop: full scale, crop-region decode': lambda: [region_full(r) for r in records],
+        'decode + crop: full scale, crop-region decode + C resize (exact)': lambda: [region_full(r) for r in records],
         'decode + crop: reduced-scale + crop-region decode, Pillow resize': lambda: [pillow_resize(r) for r in records],
         'decode + crop: reduced-scale + crop-region decode + C resize (ours)': lambda: [ours(r) for r in records],
         'flip + RandAugment (official)': lambda: [middle(image) for image in cropped],
@@ -252,7 +252,7 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
 # (variant, the official one it replaces): their cost ratio is taken within each repeat (a paired ratio).
 COMPONENT_PAIRS = {
     'decode + crop: reduced-scale, Pillow decode': 'decode + crop: full decode, timm crop',
-    'decode + crop: full scale, crop-region decode': 'decode + crop: full decode, timm crop',
+    'decode + crop: full scale, crop-region decode + C resize (exact)': 'decode + crop: full decode, timm crop',
     'decode + crop: reduced-scale + crop-region decode, Pillow resize': 'decode + crop: full decode, timm crop',
     'decode + crop: reduced-scale + crop-region decode + C resize (ours)': 'decode + crop: full decode, timm crop',
     'flip + RandAugment, affine ops in C (ours)': 'flip + RandAugment (official)',

@@ -82,6 +82,6 @@ def build_train_loader(config, tokenizer: Any, rank: int, world_size: int,
     loader = TrainLoader(setup, pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
                          log_bad_samples=config.DATA.LOG_BAD_SAMPLES, device=device)
     logger.info('training data:\n' + loader.describe())
-    if isinstance(pipeline.decode, CropDecoder) and pipeline.decode.region:
+    if isinstance(pipeline.decode, CropDecoder) and pipeline.decode.native:
         logger.info(f'training JPEGs: {jpeg_region.describe()}; other formats decoded whole by Pillow')
     return loader

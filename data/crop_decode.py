@@ -75,9 +75,10 @@ def enclosing_pixels(box: Box, scale: int, image_size: Tuple[int, int]) -> Tuple
             min(-(-(top + height) // scale), scaled_h))
 
 
-def resized_box(decoded: DecodedCrop, size: Tuple[int, int]) -> Image.Image:
+def resized_box(decoded: DecodedCrop, size: Tuple[int, int], native: bool = True) -> Image.Image:
     """The crop box of a decode, resized to `size` (height, width): timm's crop-then-resize, which at scale 1
-    is Pillow's resize of exactly the box's pixels."""
+    is Pillow's resize of exactly the box's pixels; computed by data/resample.c where the helper is built and
+    `native` (the same pixels), else by Pillow."""
     top, left, height, width = decoded.box
     x, y, scale = *decoded.origin, decoded.scale
     pixels = decoded.pixels
@@ -86,26 +87,32 @@ def resized_box(decoded: DecodedCrop, size: Tuple[int, int]) -> Image.Image:
     x0, y0, x1, y1 = left / scale - x, top / scale - y, (left + width) / scale - x, (top + height) / scale - y
     cut = (math.floor(x0), math.floor(y0), min(math.ceil(x1), pixels.width), min(math.ceil(y1), pixels.height))
     box = (x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1])
-    resample = F.pil_modes_mapping[decoded.interpolation]
+    resample, out = F.pil_modes_mapping[decoded.interpolation], (size[1], size[0])
+    if isinstance(pixels, jpeg_region.RawRGB) and cut != (0, 0, pixels.width, pixels.height):
+        pixels = pixels.image()  # not reached: a decoded region is what enclosing_pixels cut, i.e. `cut`
+    if isinstance(pixels, Image.Image):
+        pixels = pixels.crop(cut)
+        if native and jpeg_region.available() and pixels.mode == 'RGB':
+            pixels = jpeg_region.RawRGB.of(pixels)
     if isinstance(pixels, jpeg_region.RawRGB):
-        if cut == (0, 0, pixels.width, pixels.height):  # a region decoded as enclosing_pixels cut it
-            resized = jpeg_region.resize(pixels, (size[1], size[0]), resample, box)
-            if resized is not None:
-                return resized
+        resized = jpeg_region.resize(pixels, out, resample, box)
+        if resized is not None:
+            return resized
         pixels = pixels.image()
-    return pixels.crop(cut).resize((size[1], size[0]), resample, box=box)
+    return pixels.resize(out, resample, box=box)
 
 
 class CropDecoder:
     """record -> timm's RandomResizedCropAndInterpolation of its image, decoded at the reduced scale the
     crop allows (`reduce=False`: always at full scale, then exactly timm's output), only the box's
-    rectangle where data/jpeg_region.py's helper is built (`region=False`: Pillow's whole decode).
+    rectangle where data/jpeg_region.py's helper is built, resized by it (`native=False`: Pillow's whole decode
+    and resize).
 
     Bad data raises BadSample as `decode_image` does; a sample whose pixels fail to decode after its box
     was drawn gives the random draws back, so a bad sample consumes none, as before."""
 
-    def __init__(self, crop: RandomResizedCropAndInterpolation, reduce: bool = True, region: bool = True):
-        self.crop, self.reduce, self.region = crop, reduce, region
+    def __init__(self, crop: RandomResizedCropAndInterpolation, reduce: bool = True, native: bool = True):
+        self.crop, self.reduce, self.native = crop, reduce, native
 
     def sample(self, image: Image.Image) -> Tuple[Box, F.InterpolationMode]:
         """timm's draws, in timm's order: the box from the (header) size, then the interpolation."""
@@ -125,7 +132,7 @@ class CropDecoder:
             if self.reduce:
                 out_h, out_w = self.crop.size
                 scale = dct_scale(box[3], box[2], out_w, out_h)
-            if self.region and image.format == 'JPEG':
+            if self.native and image.format == 'JPEG':
                 left, top, right, bottom = enclosing_pixels(box, scale, image.size)
                 pixels = jpeg_region.decode_raw_region(record.image, scale, left, top, right - left, bottom - top)
                 if pixels is not None:
@@ -139,7 +146,7 @@ class CropDecoder:
         return DecodedCrop(pixels, (0, 0), box, scale, interpolation)
 
     def __call__(self, record: Record) -> Image.Image:
-        return resized_box(self.decode(record), self.crop.size)
+        return resized_box(self.decode(record), self.crop.size, self.native)
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}({self.crop!r}, reduce={self.reduce}, region={self.region})'
+        return f'{type(self).__name__}({self.crop!r}, reduce={self.reduce}, native={self.native})'

@@ -9,9 +9,9 @@
  * libjpeg warning such as corrupt or truncated data) returns REGION_FALLBACK, and the caller decodes the
  * whole file with Pillow, whose bad-data behaviour then applies unchanged.
  *
- * Built with data/resample.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2 -shared -fPIC,
- * linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump REGION_ABI_VERSION whenever the
- * interface of either file changes; data/jpeg_region.py refuses a library of another. */
+ * Built with resample.c and affine.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2 -shared
+ * -fPIC, linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump HELPER_ABI_VERSION (resample.c)
+ * whenever its interface changes. */
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,7 +19,6 @@
 
 #include <jpeglib.h>
 
-#define REGION_ABI_VERSION 3
 #define REGION_OK 0
 #define REGION_FALLBACK 1
 #define REGION_BAD_ARGUMENT 2
@@ -38,8 +37,6 @@ static void on_error(j_common_ptr cinfo) {
 static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) cinfo->err->num_warnings++;
 }
-
-int unicl_jpeg_region_abi(void) { return REGION_ABI_VERSION; }
 
 /* Writes rows top..top+height-1, columns left..left+width-1 of the 1/scale_denom decode as packed RGB
  * (width * height * 3 bytes) into out. Coordinates are in the scaled image. */

@@ -29,9 +29,10 @@ from PIL import Image
 from .decode import ends_in_end_of_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, name) for name in ('jpeg_region.c', 'resample.c', 'affine.c')]
+PIXEL_SOURCES = [os.path.join(HERE, name) for name in ('resample.c', 'affine.c')]  # need no libjpeg
+JPEG_SOURCE = os.path.join(HERE, 'jpeg_region.c')
 LIBRARY = os.path.join(HERE, '_jpeg_region.so')
-ABI_VERSION = 3  # REGION_ABI_VERSION in jpeg_region.c
+ABI_VERSION = 3  # HELPER_ABI_VERSION in resample.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
 READ_SLACK = 8  # bytes resample.c and affine.c may read past an image's last pixel
 C_FILTERS = (Image.BILINEAR, Image.BICUBIC)  # the Pillow filters the C code reproduces
@@ -43,11 +44,13 @@ def pillow_libjpeg() -> Optional[str]:
     return sorted(bundled)[0] if bundled else None
 
 
-def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[str, ...] = ()) -> str:
-    """Compile jpeg_region.c and resample.c into `output`; raises RuntimeError with the compiler's message on
-    failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops) become -D flags.
+def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[str, ...] = (),
+          jpeg: bool = True) -> str:
+    """Compile resample.c, affine.c and (`jpeg`) jpeg_region.c into `output`; raises RuntimeError with the
+    compiler's message on failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops) become
+    -D flags. Without `jpeg` the library needs no libjpeg: crops are then decoded by Pillow, resized in C.
 
-    It links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it must
+    With `jpeg` it links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it must
     reproduce, and a name no other library in the process has. A plain `-ljpeg` (soname libjpeg.so.62) would
     be satisfied by whichever libjpeg.so.62 the process loaded first: torchvision 0.19 bundles an older one
     without jpeg_skip_scanlines."""
@@ -55,11 +58,14 @@ def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[
     if compiler is None:
         raise RuntimeError('no C compiler (cc or gcc) found')
     partial = f'{output}.{os.getpid()}.tmp'
-    bundled = pillow_libjpeg()
-    libjpeg = [bundled, f'-Wl,-rpath,{os.path.dirname(bundled)}'] if bundled else ['-ljpeg']
+    sources, libjpeg = PIXEL_SOURCES, []
+    if jpeg:
+        bundled = pillow_libjpeg()
+        sources = sources + [JPEG_SOURCE]
+        libjpeg = [bundled, f'-Wl,-rpath,{os.path.dirname(bundled)}'] if bundled else ['-ljpeg']
     # No contraction of a * b + c into FMAs: the results must round as Pillow's (x86-64 wheels) do.
     flags = ['-O2', '-shared', '-fPIC', '-ffp-contract=off'] + [f'-D{name}' for name in defines]
-    command = [compiler] + flags + SOURCES + ['-o', partial] + libjpeg
+    command = [compiler] + flags + sources + ['-o', partial] + libjpeg
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr.strip()}')
@@ -67,37 +73,51 @@ def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[
     return output
 
 
+class Helper(NamedTuple):
+    library: Optional[ctypes.CDLL]  # None: not built, or not loadable
+    decodes_jpeg: bool  # built with jpeg_region.c (it needs libjpeg-turbo's headers)
+    description: str
+
+
+_SIGNATURES = {  # C function -> argument types; all return an int status
+    'unicl_jpeg_region': [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p],
+    'unicl_resample_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4 + [ctypes.c_int] * 3
+                           + [ctypes.c_char_p]),
+    'unicl_affine_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_double)]
+                         + [ctypes.c_int] * 3 + [ctypes.c_char_p] * 2),
+}
+
+
 @lru_cache(maxsize=None)
-def _library() -> Tuple[Optional[ctypes.CDLL], str]:
-    """(the helper at LIBRARY, loaded, or None; a one-line description of what decodes and resizes the crops)."""
+def _library() -> Helper:
+    """The helper at LIBRARY, loaded, with a one-line description of what decodes and resizes the crops."""
     path = LIBRARY
     if not os.path.exists(path):
-        return None, f'decoded whole by Pillow ({os.path.relpath(path)} not built: python -m data.jpeg_region)'
+        return Helper(None, False, f'decoded whole by Pillow ({os.path.relpath(path)} not built: '
+                                   'python -m data.jpeg_region)')
     try:
         library = ctypes.CDLL(path)
-        abi = library.unicl_jpeg_region_abi()
+        abi = library.unicl_helper_abi()
     except (OSError, AttributeError) as exc:
-        return None, f'decoded whole by Pillow ({path} does not load: {exc})'
+        return Helper(None, False, f'decoded whole by Pillow ({path} does not load: {exc})')
     if abi != ABI_VERSION:
-        return None, f'decoded whole by Pillow ({path} is ABI {abi}, not {ABI_VERSION}: rebuild it)'
-    library.unicl_jpeg_region.restype = ctypes.c_int
-    library.unicl_jpeg_region.argtypes = [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p]
-    library.unicl_resample_rgb.restype = ctypes.c_int
-    library.unicl_resample_rgb.argtypes = ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4
-                                           + [ctypes.c_int] * 3 + [ctypes.c_char_p])
-    library.unicl_affine_rgb.restype = ctypes.c_int
-    library.unicl_affine_rgb.argtypes = ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_double)]
-                                         + [ctypes.c_int] * 3 + [ctypes.c_char_p] * 2)
-    return library, (f"only the crop's rectangle decoded, by libjpeg-turbo; the crop's resize and RandAugment's "
-                     f"affine ops in C ({path})")
+        return Helper(None, False, f'decoded whole by Pillow ({path} is ABI {abi}, not {ABI_VERSION}: rebuild it)')
+    decodes_jpeg = hasattr(library, 'unicl_jpeg_region')
+    for name, argtypes in _SIGNATURES.items():
+        if name != 'unicl_jpeg_region' or decodes_jpeg:
+            getattr(library, name).restype = ctypes.c_int
+            getattr(library, name).argtypes = argtypes
+    decoded = ("only the crop's rectangle decoded, by libjpeg-turbo" if decodes_jpeg else
+               'decoded whole by Pillow (the helper was built without libjpeg-turbo\'s headers)')
+    return Helper(library, decodes_jpeg, f"{decoded}; the crop's resize and RandAugment's affine ops in C ({path})")
 
 
 def available() -> bool:
-    return _library()[0] is not None
+    return _library().library is not None
 
 
 def describe() -> str:
-    return _library()[1]
+    return _library().description
 
 
 class RawRGB(NamedTuple):
@@ -122,11 +142,11 @@ def decode_raw_region(data: bytes, scale: int, left: int, top: int, width: int, 
 
     Rows below the box are never decoded, so damage there would go unseen; a file must end in the
     end-of-image marker, which a truncated file lacks."""
-    library = _library()[0]
-    if library is None or not ends_in_end_of_image(data):
+    helper = _library()
+    if not helper.decodes_jpeg or not ends_in_end_of_image(data):
         return None
     out = ctypes.create_string_buffer(width * height * 3 + READ_SLACK)
-    status = library.unicl_jpeg_region(data, len(data), scale, left, top, width, height, out)
+    status = helper.library.unicl_jpeg_region(data, len(data), scale, left, top, width, height, out)
     if status == BAD_ARGUMENT:
         raise ValueError(f'box {(left, top, width, height)} at 1/{scale} lies outside the image')
     if status != OK:
@@ -144,7 +164,7 @@ def resize(raw: RawRGB, size: Tuple[int, int], resample: int,
            box: Tuple[float, float, float, float]) -> Optional[Image.Image]:
     """`raw.image().resize(size, resample, box=box)`, the same pixels, computed by data/resample.c; None where
     the helper is missing or does not do it (filters other than Pillow's BILINEAR and BICUBIC)."""
-    library = _library()[0]
+    library = _library().library
     if library is None:
         return None
     out = ctypes.create_string_buffer(size[0] * size[1] * 3)
@@ -167,7 +187,7 @@ def affine(image: Image.Image, size: Tuple[int, int], data, resample: int, fillc
     """`image.transform(size, Image.AFFINE, data, resample, fillcolor=fillcolor)`, the same pixels, computed by
     data/affine.c; None where the helper is missing or does not do it (modes other than RGB, filters other than
     BILINEAR and BICUBIC, fill colours other than None or an RGB triple)."""
-    library, fill = _library()[0], _rgb_fill(fillcolor)
+    library, fill = _library().library, _rgb_fill(fillcolor)
     if library is None or fill is None or image.mode != 'RGB' or resample not in C_FILTERS or len(data) < 6:
         return None
     raw = RawRGB.of(image)
@@ -209,8 +229,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         print(f'built {build(args.output)}')
+        return
     except RuntimeError as exc:
-        print(f'data.jpeg_region: not built, crops will be decoded by Pillow: {exc}', file=sys.stderr)
+        print(f'data.jpeg_region: the JPEG region decoder cannot be built, JPEGs will be decoded by Pillow: {exc}',
+              file=sys.stderr)
+    try:
+        print(f'built {build(args.output, jpeg=False)} (resize and affine ops only)')
+    except RuntimeError as exc:
+        print(f'data.jpeg_region: not built, Pillow will decode and resize: {exc}', file=sys.stderr)
         sys.exit(0 if args.quiet_failure else 1)
 
 

@@ -19,6 +19,11 @@
 #include <immintrin.h>
 #endif
 
+/* The interface of the helper library (this file, affine.c and jpeg_region.c): data/jpeg_region.py refuses a
+ * library of another version. Bump it whenever a C function's signature or meaning changes. */
+#define HELPER_ABI_VERSION 3
+int unicl_helper_abi(void) { return HELPER_ABI_VERSION; }
+
 #define RESAMPLE_OK 0
 #define RESAMPLE_FALLBACK 1
 #define PRECISION_BITS 22 /* Pillow's: 32 bits minus 8 for the pixel and 2 for filter overshoot */

@@ -242,7 +242,7 @@ def test_the_training_crop_is_the_same_with_and_without_it(helper, interpolation
     crop = RandomResizedCropAndInterpolation(OUT, interpolation=interpolation)
     files = [_encode(_textured(w, h, i), quality=90, subsampling=(0, 2)[i % 2])
              for i, (w, h) in enumerate([(700, 560), (600, 800), (520, 390), (1100, 700)])]
-    with_helper, pillow_only = CropDecoder(crop), CropDecoder(crop, region=False)
+    with_helper, pillow_only = CropDecoder(crop), CropDecoder(crop, native=False)
     scales = set()
     for seed in range(40):
         record = Record(files[seed % len(files)], f'file {seed % len(files)}')
@@ -276,6 +276,30 @@ def test_without_the_library_pillow_decodes_and_the_log_says_how_to_build(tmp_pa
         jpeg_region._library.cache_clear()
 
 
+def test_built_without_libjpeg_it_still_resizes_and_says_so(tmp_path_factory, use_library):
+    """Without libjpeg-turbo's headers the helper is built from resample.c and affine.c alone: Pillow decodes
+    the JPEGs, the crop is still resized in C (the same pixels), and the description says which."""
+    try:
+        use_library(jpeg_region.build(str(tmp_path_factory.mktemp('no_jpeg') / '_jpeg_region.so'), jpeg=False))
+    except RuntimeError as exc:
+        pytest.skip(f'the helper cannot be built here: {exc}')
+    assert jpeg_region.available() and 'decoded whole by Pillow' in jpeg_region.describe()
+    assert "the crop's resize and RandAugment's affine ops in C" in jpeg_region.describe()
+    data = _encode(_textured(120, 90, 4), quality=90)
+    assert jpeg_region.decode_region(data, 1, 0, 0, 10, 10) is None
+    calls = []
+    original = jpeg_region.resize
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jpeg_region, 'resize', lambda *args: calls.append(args) or original(*args))
+        crop = RandomResizedCropAndInterpolation(OUT, interpolation='bicubic')
+        for seed in range(10):
+            random.seed(seed)
+            ours = np.asarray(CropDecoder(crop)(Record(data, 'a.jpg')))
+            random.seed(seed)
+            assert np.array_equal(ours, np.asarray(CropDecoder(crop, native=False)(Record(data, 'a.jpg'))))
+    assert len(calls) == 10
+
+
 def test_the_loader_with_it_gives_the_same_batches_and_says_so(helper, tmp_path, tokenizer, caplog):
     """The training loader in a worker process, with the helper and with Pillow's whole decode: the same
     batches (so the exact-resume guarantees, which rest on the draws, carry over), and the log names it."""
@@ -289,6 +313,6 @@ def test_the_loader_with_it_gives_the_same_batches_and_says_so(helper, tmp_path,
         with_helper = loader_for(config, tokenizer)
     assert "training JPEGs: only the crop's rectangle decoded, by libjpeg-turbo" in caplog.text
     pillow = loader_for(config, tokenizer)
-    pillow.setup.decode.region = False
+    pillow.setup.decode.native = False
     for epoch in (0, 1):
         assert same_batches(epoch_batches(with_helper, epoch), epoch_batches(pillow, epoch))
