@@ -15,7 +15,7 @@
 #   train_compile  bench/train_step.py --compile --quick --device cuda: each config eager and with   ~120 s
 #                  TRAIN.COMPILE (inductor), bf16: first step (the compilation) and steady images/s;
 #                  stopped after COMPILE_LIMIT seconds, so a slow compilation cannot take the run's time
-#   jpeg_region  python -m data.jpeg_region: builds the crop-region JPEG helper (needs libjpeg-turbo headers)  ~2 s
+#   jpeg_region  python -m data.jpeg_region: builds the C helper (crop-region JPEG decode, resize, affine)  ~2 s
 #   gpu_decode   bench/data_loading.py --jpeg --decode-device cpu cuda: loader images/s at 4 and 8 workers with
 #                DATA.DECODE_DEVICE cpu vs cuda (nvJPEG batches, data/gpu_decode.py), to set against train_step
 # All steps come to about 10-11 minutes by these estimates, past one device call's 600 s: run them as two
@@ -85,7 +85,7 @@ run train_step $PY bench/train_step.py --quick "${STEP_ARGS[@]}"
 run train_compile timeout $COMPILE_LIMIT $PY bench/train_step.py --compile --quick "${STEP_ARGS[@]}"
 DECODE_ARGS=(--workers 4 8 --count 800 --samples 512 --repeats 1)  # ~15 s of it generating the JPEGs
 [ "${SMOKE:-0}" = 1 ] && DECODE_ARGS=(--workers 1 --count 200 --samples 64 --batch 32 --repeats 1)
-run jpeg_region $PY -m data.jpeg_region  # the crop-region helper for the cpu rows; exit 1: Pillow decodes
+run jpeg_region $PY -m data.jpeg_region  # the C helper for the cpu rows; exit 1: Pillow decodes and resizes
 run gpu_decode $PY bench/data_loading.py --jpeg --jpeg-data "$DATA/jpeg_bench" --decode-device cpu cuda "${DECODE_ARGS[@]}"
 {  # steps that did not run leave no logs: their lines are left out
     grep -h "zero-shot on\|epoch .* done\|Traceback\|Error" "$WORK/train_nccl.log" "$WORK/train_fp16.log" 2>/dev/null | tail -12
