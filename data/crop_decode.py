@@ -13,7 +13,7 @@ is decoded, with the pixels a whole decode has there, and resized by data/resamp
 Pillow's resize gives; elsewhere Pillow decodes it all and resizes.
 
 At scale 1 (no box big enough to reduce, or not a JPEG) the pixels are exactly timm's: the same decode
-and the same `resized_crop`. At 1/2-1/8 the decode's own low-pass replaces part of the resize filter's;
+and the same crop-then-resize (Pillow's resize of the box's pixels, or the C resize that equals it). At 1/2-1/8 the decode's own low-pass replaces part of the resize filter's;
 tests/test_crop_decode.py bounds the difference. The random draws are the same in number and order as
 with the whole transform, so every later augmentation of the sample draws what it drew before.
 """
