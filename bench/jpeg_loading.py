@@ -21,8 +21,9 @@ batches); the same with Pillow decoding whole images and resizing (the helper no
 send uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
 CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes with Pillow too; the
 results say which. Evaluation cases: torchvision
-`ImageFolder` and ours (evaluation/data.py's ImageList in a sharded loader), both with the official
-validation transform (Resize 256 bicubic, CenterCrop 224).
+`ImageFolder` with the official validation transform (Resize 256 bicubic, CenterCrop 224) and ours
+(evaluation/data.py's ImageList in a sharded loader, the same transform with its resize and crop computed
+by the C helper: the same pixels).
 
 `--decode-device cpu cuda` times instead the training loader with DATA.DECODE_DEVICE cpu (workers decode,
 uint8 normalised on the GPU) and cuda (workers send the files' bytes, the GPU decodes: data/gpu_decode.py),
@@ -138,7 +139,7 @@ def config_with(config, decode_device: str):
 
 
 def eval_torchvision(config, folder: str, workers: int, batch: int) -> DataLoader:
-    dataset = ImageFolder(folder, transform=build_eval_transform(config))
+    dataset = ImageFolder(folder, transform=build_eval_transform(config, native=False))
     return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers)
 
 

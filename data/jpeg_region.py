@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PIXEL_SOURCES = [os.path.join(HERE, name) for name in ('resample.c', 'affine.c')]  # need no libjpeg
 JPEG_SOURCE = os.path.join(HERE, 'jpeg_region.c')
 LIBRARY = os.path.join(HERE, '_jpeg_region.so')
-ABI_VERSION = 3  # HELPER_ABI_VERSION in resample.c
+ABI_VERSION = 4  # HELPER_ABI_VERSION in resample.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
 READ_SLACK = 8  # bytes resample.c and affine.c may read past an image's last pixel
 C_FILTERS = (Image.BILINEAR, Image.BICUBIC)  # the Pillow filters the C code reproduces
@@ -81,7 +81,7 @@ class Helper(NamedTuple):
 
 _SIGNATURES = {  # C function -> argument types; all return an int status
     'unicl_jpeg_region': [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_char_p],
-    'unicl_resample_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4 + [ctypes.c_int] * 3
+    'unicl_resample_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.c_float] * 4 + [ctypes.c_int] * 7
                            + [ctypes.c_char_p]),
     'unicl_affine_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_double)]
                          + [ctypes.c_int] * 3 + [ctypes.c_char_p] * 2),
@@ -160,17 +160,21 @@ def decode_region(data: bytes, scale: int, left: int, top: int, width: int, heig
     return None if raw is None else raw.image()
 
 
-def resize(raw: RawRGB, size: Tuple[int, int], resample: int,
-           box: Tuple[float, float, float, float]) -> Optional[Image.Image]:
-    """`raw.image().resize(size, resample, box=box)`, the same pixels, computed by data/resample.c; None where
-    the helper is missing or does not do it (filters other than Pillow's BILINEAR and BICUBIC)."""
+def resize(raw: RawRGB, size: Tuple[int, int], resample: int, box: Tuple[float, float, float, float],
+           window: Optional[Tuple[int, int, int, int]] = None) -> Optional[Image.Image]:
+    """`raw.image().resize(size, resample, box=box)`, the same pixels, computed by data/resample.c, or with
+    `window` (left, top, width, height) only that part of it, `.crop(...)` of the resized image without the
+    rest; None where the helper is missing or does not do it (filters other than Pillow's BILINEAR and
+    BICUBIC, a window outside the result)."""
     library = _library().library
     if library is None:
         return None
-    out = ctypes.create_string_buffer(size[0] * size[1] * 3)
-    if library.unicl_resample_rgb(raw.buffer, raw.width, raw.height, *box, int(resample), *size, out) != OK:
+    left, top, width, height = window or (0, 0, *size)
+    out = ctypes.create_string_buffer(width * height * 3)
+    if library.unicl_resample_rgb(raw.buffer, raw.width, raw.height, *box, int(resample), *size, left, top, width,
+                                  height, out) != OK:
         return None
-    return Image.frombuffer('RGB', size, out, 'raw', 'RGB', 0, 1)
+    return Image.frombuffer('RGB', (width, height), out, 'raw', 'RGB', 0, 1)
 
 
 def _rgb_fill(fillcolor) -> Optional[bytes]:

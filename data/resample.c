@@ -21,7 +21,7 @@
 
 /* The interface of the helper library (this file, affine.c and jpeg_region.c): data/jpeg_region.py refuses a
  * library of another version. Bump it whenever a C function's signature or meaning changes. */
-#define HELPER_ABI_VERSION 3
+#define HELPER_ABI_VERSION 4
 int unicl_helper_abi(void) { return HELPER_ABI_VERSION; }
 
 #define RESAMPLE_OK 0
@@ -193,10 +193,19 @@ __attribute__((target("avx2"))) static void vertical_rows_avx2(const uint8_t *in
 }
 #endif
 
+/* The taps of output pixels [start, start + count) only. */
+static struct taps window_of(const struct taps *t, int start) {
+    struct taps view = {t->size, t->first + start, t->count + start, t->weights + (size_t)start * t->size};
+    return view;
+}
+
 /* src: src_h rows of src_w packed RGB pixels, readable for 8 bytes past its last pixel. (x0, y0, x1, y1):
- * the box in src's pixel coordinates, as Pillow's resize takes it. out: out_h rows of out_w RGB pixels. */
+ * the box in src's pixel coordinates, as Pillow's resize takes it, to a full_w x full_h result, of which
+ * only the out_w x out_h window at (win_x, win_y) is computed, into out: each of its pixels the one the
+ * full resize has there (a resize then a crop, as torchvision's Resize -> CenterCrop, without the rest). */
 int unicl_resample_rgb(const uint8_t *src, int src_w, int src_h, float x0, float y0, float x1, float y1,
-                       int pillow_filter, int out_w, int out_h, uint8_t *out) {
+                       int pillow_filter, int full_w, int full_h, int win_x, int win_y, int out_w, int out_h,
+                       uint8_t *out) {
     double (*filter)(double);
     double support;
     if (pillow_filter == PILLOW_BICUBIC) {
@@ -206,21 +215,23 @@ int unicl_resample_rgb(const uint8_t *src, int src_w, int src_h, float x0, float
     } else {
         return RESAMPLE_FALLBACK;
     }
-    if ((src_h > src_w * 100 && out_h < src_h) || src_w <= 0 || src_h <= 0 || out_w <= 0 || out_h <= 0)
+    if ((src_h > src_w * 100 && full_h < src_h) || src_w <= 0 || src_h <= 0 || out_w <= 0 || out_h <= 0 ||
+        win_x < 0 || win_y < 0 || win_x + out_w > full_w || win_y + out_h > full_h)
         return RESAMPLE_FALLBACK;
 
-    struct taps across, down;
-    if (!compute_taps(src_h, y0, y1, out_h, filter, support, &down)) return RESAMPLE_FALLBACK;
-    if (!compute_taps(src_w, x0, x1, out_w, filter, support, &across)) {
-        free_taps(&down);
+    struct taps all_across, all_down;
+    if (!compute_taps(src_h, y0, y1, full_h, filter, support, &all_down)) return RESAMPLE_FALLBACK;
+    if (!compute_taps(src_w, x0, x1, full_w, filter, support, &all_across)) {
+        free_taps(&all_down);
         return RESAMPLE_FALLBACK;
     }
+    struct taps across = window_of(&all_across, win_x), down = window_of(&all_down, win_y);
     int first_row = down.first[0], last_row = down.first[out_h - 1] + down.count[out_h - 1];
     int rows = last_row - first_row, row_bytes = out_w * 3;
     uint8_t *middle = malloc((size_t)rows * row_bytes + 8);
     if (!middle) {
-        free_taps(&across);
-        free_taps(&down);
+        free_taps(&all_across);
+        free_taps(&all_down);
         return RESAMPLE_FALLBACK;
     }
 #ifdef UNICL_AVX2
@@ -247,7 +258,7 @@ int unicl_resample_rgb(const uint8_t *src, int src_w, int src_h, float x0, float
 #endif
         vertical_rows(middle, out, row_bytes, out_h, first_row, &down);
     free(middle);
-    free_taps(&across);
-    free_taps(&down);
+    free_taps(&all_across);
+    free_taps(&all_down);
     return RESAMPLE_OK;
 }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from PIL import Image
 from timm.data import create_transform
@@ -11,6 +11,7 @@ from timm.data.auto_augment import AugmentOp
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
+from torchvision.transforms import functional as F
 from torchvision.transforms import InterpolationMode
 
 from . import jpeg_region
@@ -43,6 +44,59 @@ def _squash(config, size: int, interpolation: InterpolationMode) -> List[Callabl
     return [transforms.Resize((size, size), interpolation=interpolation)]
 
 
+class NativeResizeCrop:
+    """torchvision's Resize [-> CenterCrop] of an RGB image, computed by data/resample.c (data/jpeg_region.py):
+    only the pixels CenterCrop keeps are computed, each the one Pillow's whole resize has there, so the same
+    image. What it does not do (other modes and filters, max_size, a crop larger than the resized image,
+    which torchvision pads) goes through the torchvision steps themselves."""
+
+    def __init__(self, resize: transforms.Resize, crop: Optional[transforms.CenterCrop] = None):
+        self.resize, self.crop = resize, crop
+
+    def _output_size(self, width: int, height: int) -> Optional[Tuple[int, int]]:
+        # torchvision's rule: (h, w) as given, or the shorter side to `size` and the longer in proportion.
+        size = self.resize.size
+        if isinstance(size, (list, tuple)) and len(size) == 2:
+            return size[1], size[0]
+        if self.resize.max_size is not None:
+            return None
+        short = size if isinstance(size, int) else size[0]
+        if width <= height:
+            return short, int(short * height / width)
+        return int(short * width / height), short
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        resample = F.pil_modes_mapping[self.resize.interpolation]
+        size = self._output_size(*image.size) if image.mode == 'RGB' else None
+        if size is not None and resample in jpeg_region.C_FILTERS:
+            window = (0, 0, *size)
+            if self.crop is not None:
+                crop_h, crop_w = self.crop.size
+                # CenterCrop's offsets, Python's round included
+                left, top = int(round((size[0] - crop_w) / 2.0)), int(round((size[1] - crop_h) / 2.0))
+                window = (left, top, crop_w, crop_h)
+            if window[0] >= 0 and window[1] >= 0:
+                resized = jpeg_region.resize(jpeg_region.RawRGB.of(image), size, resample, (0, 0, *image.size),
+                                             window)
+                if resized is not None:
+                    return resized
+        image = self.resize(image)
+        return self.crop(image) if self.crop is not None else image
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.resize!r}, {self.crop!r})'
+
+
+def native_geometry(steps: List[Callable]) -> List[Callable]:
+    """An evaluation transform's leading Resize [-> CenterCrop] as one NativeResizeCrop where the C helper
+    is built; the steps unchanged otherwise."""
+    if not steps or not isinstance(steps[0], transforms.Resize) or not jpeg_region.available():
+        return steps
+    if len(steps) > 1 and isinstance(steps[1], transforms.CenterCrop):
+        return [NativeResizeCrop(steps[0], steps[1])] + steps[2:]
+    return [NativeResizeCrop(steps[0])] + steps[1:]
+
+
 # Geometry of an evaluation transform by name; each maps (config, size, interpolation) to the steps before
 # ToTensor + Normalize.
 EVAL_TRANSFORMS: Dict[str, Callable[..., List[Callable]]] = {
@@ -53,19 +107,22 @@ EVAL_TRANSFORMS: Dict[str, Callable[..., List[Callable]]] = {
 DEFAULT_EVAL_TRANSFORM = 'resize'
 
 
-def build_eval_transform(config, mode: Optional[str] = None) -> Callable:
+def build_eval_transform(config, mode: Optional[str] = None, native: bool = True) -> Callable:
     """The evaluation transform `mode` at DATA.IMG_SIZE, then ImageNet mean/std:
     'resize' (the default, also for None): Resize(int(256/224 * IMG_SIZE)) -> CenterCrop(IMG_SIZE) as the
     official validation (with TEST.CROP false a plain resize to IMG_SIZE x IMG_SIZE; images of 32 pixels or
     less are not resized); 'crop': Resize(IMG_SIZE) of the shorter side -> CenterCrop(IMG_SIZE), ELEVATER's;
     'squash': Resize((IMG_SIZE, IMG_SIZE)), ELEVATER's without center crop.
-    DATA.INTERPOLATION 'random' evaluates as bicubic."""
+    DATA.INTERPOLATION 'random' evaluates as bicubic. `native`: the resize and crop computed by the C helper
+    where it is built (NativeResizeCrop, the same pixels); False: torchvision's steps."""
     mode = DEFAULT_EVAL_TRANSFORM if mode is None else mode
     if mode not in EVAL_TRANSFORMS:
         raise ValueError(f'unknown eval transform {mode!r}; known: {sorted(EVAL_TRANSFORMS)}')
     size = config.DATA.IMG_SIZE
     interpolation = _INTERPOLATION.get(config.DATA.INTERPOLATION, InterpolationMode.BICUBIC)
     steps = EVAL_TRANSFORMS[mode](config, size, interpolation)
+    if native:
+        steps = native_geometry(steps)
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(steps)
 

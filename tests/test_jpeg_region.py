@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from configs import load_config
 from data import jpeg_region
@@ -21,7 +23,8 @@ from data.crop_decode import CropDecoder
 from data.decode import END_OF_IMAGE
 from data.order import seeded_global_rngs
 from data.sources.base import CORRUPT, BadSample, Record
-from data.transforms import affine_ops_in_c, build_train_transform
+from data.transforms import (EVAL_TRANSFORMS, NativeResizeCrop, affine_ops_in_c, build_eval_transform,
+                             build_train_transform)
 from tests.conftest import ROOT
 from tests.test_crop_decode import OUT, _textured
 from tests.test_data_fixtures import data_config, epoch_batches, loader_for, same_batches
@@ -274,6 +277,42 @@ def test_without_the_library_pillow_decodes_and_the_log_says_how_to_build(tmp_pa
         assert jpeg_region.decode_region(_encode(_textured(64, 48, 0)), 1, 0, 0, 8, 8) is None
     finally:
         jpeg_region._library.cache_clear()
+
+
+def test_the_evaluation_resize_and_crop_are_torchvisions(helper):
+    """NativeResizeCrop (only the kept window computed in C) against torchvision's Resize -> CenterCrop and
+    plain Resize on odd, portrait and small images, both filters; what it does not do (max_size, a crop
+    larger than the image, greyscale) goes through torchvision and still matches."""
+    rng = np.random.default_rng(3)
+    bicubic, bilinear = InterpolationMode.BICUBIC, InterpolationMode.BILINEAR
+    for case in range(60):
+        width, height = (int(v) for v in rng.integers(9, 600, 2))
+        image = _textured(width, height, case) if case % 2 else Image.fromarray(
+            rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        interpolation = (bicubic, bilinear)[case % 2]
+        for steps in ([transforms.Resize(73, interpolation=interpolation), transforms.CenterCrop(64)],
+                      [transforms.Resize(64, interpolation=interpolation), transforms.CenterCrop((64, 51))],
+                      [transforms.Resize((64, 77), interpolation=interpolation)],
+                      [transforms.Resize(64, interpolation=interpolation, max_size=80), transforms.CenterCrop(64)],
+                      [transforms.Resize(40, interpolation=interpolation), transforms.CenterCrop(64)]):
+            ours = NativeResizeCrop(*steps)(image)
+            assert np.array_equal(np.asarray(ours), np.asarray(transforms.Compose(steps)(image))), (case, steps)
+    grey = _textured(90, 70, 1).convert('L')
+    steps = [transforms.Resize(73), transforms.CenterCrop(64)]
+    assert np.array_equal(np.asarray(NativeResizeCrop(*steps)(grey)), np.asarray(transforms.Compose(steps)(grey)))
+
+
+@pytest.mark.parametrize('mode', sorted(EVAL_TRANSFORMS))
+def test_the_evaluation_transform_is_the_same_with_and_without_it(helper, mode, use_library, tmp_path):
+    config = load_config(os.path.join(ROOT, 'configs', 'unicl_swin_tiny.yaml'), ['DATA.IMG_SIZE', '64'])
+    ours, official = build_eval_transform(config, mode), build_eval_transform(config, mode, native=False)
+    assert isinstance(ours.transforms[0], NativeResizeCrop)
+    assert isinstance(official.transforms[0], transforms.Resize)
+    use_library(str(tmp_path / 'missing.so'))
+    assert isinstance(build_eval_transform(config, mode).transforms[0], transforms.Resize)
+    for seed, (width, height) in enumerate([(500, 375), (333, 500), (64, 64), (91, 300)]):
+        image = _textured(width, height, seed)
+        assert torch.equal(ours(image), official(image))
 
 
 def test_built_without_libjpeg_it_still_resizes_and_says_so(tmp_path_factory, use_library):
