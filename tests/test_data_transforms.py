@@ -48,8 +48,8 @@ def test_small_images_get_a_padded_random_crop():
 
 
 def test_eval_transform_resizes_then_center_crops():
-    steps = build_eval_transform(tiny_config()).transforms
+    steps = build_eval_transform(tiny_config(), native=False).transforms  # the declared geometry, torchvision's
     assert isinstance(steps[0], transforms.Resize) and steps[0].size == int(256 / 224 * 64)
     assert isinstance(steps[1], transforms.CenterCrop) and steps[1].size == (64, 64)
-    plain = build_eval_transform(tiny_config('TEST.CROP', 'False')).transforms[0]
+    plain = build_eval_transform(tiny_config('TEST.CROP', 'False'), native=False).transforms[0]
     assert plain.size == (64, 64)
