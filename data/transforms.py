@@ -84,7 +84,9 @@ class NativeResizeCrop:
         return self.crop(image) if self.crop is not None else image
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}({self.resize!r}, {self.crop!r})'
+        # As the steps it stands for print inside a Compose: the same pixels, so the same evaluation feature
+        # cache key (evaluation/cache.py) with or without the helper.
+        return f'{self.resize!r}' + (f'\n    {self.crop!r}' if self.crop is not None else '')
 
 
 def native_geometry(steps: List[Callable]) -> List[Callable]:

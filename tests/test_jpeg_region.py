@@ -308,6 +308,7 @@ def test_the_evaluation_transform_is_the_same_with_and_without_it(helper, mode, 
     ours, official = build_eval_transform(config, mode), build_eval_transform(config, mode, native=False)
     assert isinstance(ours.transforms[0], NativeResizeCrop)
     assert isinstance(official.transforms[0], transforms.Resize)
+    assert repr(ours) == repr(official)  # the evaluation feature cache's key: the same pixels, the same key
     use_library(str(tmp_path / 'missing.so'))
     assert isinstance(build_eval_transform(config, mode).transforms[0], transforms.Resize)
     for seed, (width, height) in enumerate([(500, 375), (333, 500), (64, 64), (91, 300)]):
