@@ -1,13 +1,14 @@
-"""The training images' pixel work in C, with Pillow's pixels: only the crop's rectangle of a JPEG decoded
+"""The images' pixel work in C, with Pillow's pixels: only the training crop's rectangle of a JPEG decoded
 (data/jpeg_region.c, libjpeg-turbo's partial decode), resized by Pillow's resize algorithm with SIMD
-(data/resample.c), and RandAugment's rotate / shear / translate by Pillow's affine algorithm (data/affine.c).
+(data/resample.c; the evaluation Resize -> CenterCrop too), and RandAugment's rotate / shear / translate by
+Pillow's affine algorithm (data/affine.c).
 
 Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
 outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them; its resize
 and affine transform give Pillow's bit for bit, about 3x and 2x faster (tests/test_jpeg_region.py). It is an
-optional accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler and
-libjpeg-turbo's headers where they exist; without it, or for an input it declines, Pillow does the work as
-before. `describe()` says which is in use (logged when training starts).
+optional accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler, and
+libjpeg-turbo's headers for the decode, where they exist; without it, or for an input it declines, Pillow
+does the work as before. `describe()` says which is in use (logged when training starts).
 
     python -m data.jpeg_region            # build data/_jpeg_region.so
 """
@@ -226,10 +227,10 @@ def with_c_affine(operation: Callable, image: Image.Image, *args, **kwargs):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description='Build the JPEG crop-decoding helper (optional).')
+    parser = argparse.ArgumentParser(description='Build the optional C helper (crop decode, resize, affine ops).')
     parser.add_argument('--output', default=LIBRARY)
     parser.add_argument('--quiet-failure', action='store_true',
-                        help='exit 0 when it cannot be built (the loader then decodes with Pillow)')
+                        help='exit 0 when it cannot be built (Pillow then does the work)')
     args = parser.parse_args(argv)
     try:
         print(f'built {build(args.output)}')
