@@ -15,8 +15,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -c "import torch, torchvision, timm, transformers, yacs, webdataset, matplotlib, pytest"
 	touch $@
 
-# The optional C helper that decodes only the training crop of a JPEG (data/jpeg_region.py); where it cannot be
-# built (no C compiler or libjpeg-turbo headers) the loader decodes with Pillow and says so in the log.
+# The optional C helper (data/jpeg_region.py): decodes only the training crop of a JPEG, resizes it and runs
+# RandAugment's affine ops, with Pillow's pixels. Without libjpeg-turbo's headers it is built without the
+# decode; without a C compiler Pillow does all of it. The training log says which.
 JPEG_REGION := data/_jpeg_region.so
 $(JPEG_REGION): data/jpeg_region.c data/resample.c data/affine.c $(VENV)/.installed
 	$(PY) -m data.jpeg_region --quiet-failure

@@ -16,12 +16,11 @@ first batch (worker start-up) is not timed; every case runs `--repeats` times, t
 
 Training cases: torchvision (the whole official transform on a full decode, a prompt per sample
 tokenised in the workers); ours as shipped for a CPU device (only the crop's rectangle decoded and resized
-by data/jpeg_region.py's helper, at a reduced scale where the box allows; the workers normalise whole
-batches); the same with Pillow decoding whole images and resizing (the helper not used); ours as on a GPU (the workers
-send uint8, normalised after the copy, here by the main process on the CPU: on a GPU that part leaves the
-CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes with Pillow too; the
-results say which. Evaluation cases: torchvision
-`ImageFolder` with the official validation transform (Resize 256 bicubic, CenterCrop 224) and ours
+by data/jpeg_region.py's helper, at a reduced scale where the box allows, RandAugment's affine ops in C;
+the workers normalise whole batches); the same with Pillow decoding whole images and resizing; ours as on
+a GPU (the workers send uint8, normalised after the copy, here by the main process on the CPU: on a GPU
+that part leaves the CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes
+with Pillow too; the results say which. Evaluation cases: torchvision `ImageFolder` with the official validation transform (Resize 256 bicubic, CenterCrop 224) and ours
 (evaluation/data.py's ImageList in a sharded loader, the same transform with its resize and crop computed
 by the C helper: the same pixels).
 
@@ -192,7 +191,8 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
     middle_c_affine = transforms.Compose([affine_ops_in_c(step)
                                           for step in build_train_transform(config).transforms[1:-3]])
     float_tail = transforms.Compose(official.transforms[-3:])
-    pillow_reduced, region_full, ours = CropDecoder(crop, native=False), CropDecoder(crop, reduce=False), CropDecoder(crop)
+    pillow_reduced, region_full = CropDecoder(crop, native=False), CropDecoder(crop, reduce=False)
+    ours = CropDecoder(crop)
     _, deferred, finish = split_tail(official.transforms[1:])
     cropped = [crop(decode_image(r)) for r in records]
     augmented = [middle(image) for image in cropped]

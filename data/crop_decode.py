@@ -13,8 +13,9 @@ is decoded, with the pixels a whole decode has there, and resized by data/resamp
 Pillow's resize gives; elsewhere Pillow decodes it all and resizes.
 
 At scale 1 (no box big enough to reduce, or not a JPEG) the pixels are exactly timm's: the same decode
-and the same crop-then-resize (Pillow's resize of the box's pixels, or the C resize that equals it). At 1/2-1/8 the decode's own low-pass replaces part of the resize filter's;
-tests/test_crop_decode.py bounds the difference. The random draws are the same in number and order as
+and the same crop-then-resize (Pillow's resize of the box's pixels, or the C resize that equals it). At
+1/2-1/8 the decode's own low-pass replaces part of the resize filter's; tests/test_crop_decode.py bounds
+the difference. The random draws are the same in number and order as
 with the whole transform, so every later augmentation of the sample draws what it drew before.
 """
 from __future__ import annotations
@@ -38,7 +39,9 @@ Box = Tuple[int, int, int, int]  # (top, left, height, width), as timm's get_par
 
 
 class DecodedCrop(NamedTuple):
-    pixels: Union[Image.Image, jpeg_region.RawRGB]  # the 1/scale decode, or the part of it that starts at `origin`
+    # The 1/scale decode, or the part of it that starts at `origin` (raw: the helper's decode of exactly the
+    # whole pixels the box touches, enclosing_pixels)
+    pixels: Union[Image.Image, jpeg_region.RawRGB]
     origin: Tuple[int, int]  # (x, y) of pixels' first pixel in the 1/scale image
     box: Box  # in the original image's coordinates
     scale: int
@@ -88,9 +91,9 @@ def resized_box(decoded: DecodedCrop, size: Tuple[int, int], native: bool = True
     cut = (math.floor(x0), math.floor(y0), min(math.ceil(x1), pixels.width), min(math.ceil(y1), pixels.height))
     box = (x0 - cut[0], y0 - cut[1], x1 - cut[0], y1 - cut[1])
     resample, out = F.pil_modes_mapping[decoded.interpolation], (size[1], size[0])
-    if isinstance(pixels, jpeg_region.RawRGB) and cut != (0, 0, pixels.width, pixels.height):
-        pixels = pixels.image()  # not reached: a decoded region is what enclosing_pixels cut, i.e. `cut`
-    if isinstance(pixels, Image.Image):
+    if isinstance(pixels, jpeg_region.RawRGB):
+        assert cut == (0, 0, pixels.width, pixels.height), (cut, pixels.width, pixels.height)
+    else:
         pixels = pixels.crop(cut)
         if native and jpeg_region.available() and pixels.mode == 'RGB':
             pixels = jpeg_region.RawRGB.of(pixels)

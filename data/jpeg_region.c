@@ -9,9 +9,9 @@
  * libjpeg warning such as corrupt or truncated data) returns REGION_FALLBACK, and the caller decodes the
  * whole file with Pillow, whose bad-data behaviour then applies unchanged.
  *
- * Built with resample.c and affine.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2 -shared
- * -fPIC, linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump HELPER_ABI_VERSION (resample.c)
- * whenever its interface changes. */
+ * Built with resample.c and affine.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2
+ * -shared -fPIC, linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump HELPER_ABI_VERSION
+ * (resample.c) whenever its interface changes. */
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -103,11 +103,11 @@ def _library() -> Helper:
         return Helper(None, False, f'decoded whole by Pillow ({path} does not load: {exc})')
     if abi != ABI_VERSION:
         return Helper(None, False, f'decoded whole by Pillow ({path} is ABI {abi}, not {ABI_VERSION}: rebuild it)')
-    decodes_jpeg = hasattr(library, 'unicl_jpeg_region')
     for name, argtypes in _SIGNATURES.items():
-        if name != 'unicl_jpeg_region' or decodes_jpeg:
+        if hasattr(library, name):  # unicl_jpeg_region only where libjpeg's headers were there
             getattr(library, name).restype = ctypes.c_int
             getattr(library, name).argtypes = argtypes
+    decodes_jpeg = hasattr(library, 'unicl_jpeg_region')
     decoded = ("only the crop's rectangle decoded, by libjpeg-turbo" if decodes_jpeg else
                'decoded whole by Pillow (the helper was built without libjpeg-turbo\'s headers)')
     return Helper(library, decodes_jpeg, f"{decoded}; the crop's resize and RandAugment's affine ops in C ({path})")

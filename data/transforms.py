@@ -170,7 +170,8 @@ def affine_ops_in_c(step: Callable) -> Callable:
     operations = list(getattr(step, 'ops', []))  # RandAugment
     operations += [op for sub_policy in getattr(step, 'policy', []) for op in sub_policy]  # AutoAugment
     for op in operations:
-        if isinstance(op, AugmentOp) and not isinstance(op.aug_fn, partial):
+        already = isinstance(op.aug_fn, partial) and op.aug_fn.func is jpeg_region.with_c_affine
+        if isinstance(op, AugmentOp) and not already:
             op.aug_fn = partial(jpeg_region.with_c_affine, op.aug_fn)
     return step
 
