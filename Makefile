@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 # RandAugment's affine ops, with Pillow's pixels. Without libjpeg-turbo's headers it is built without the
 # decode; without a C compiler Pillow does all of it. The training log says which.
 JPEG_REGION := data/_jpeg_region.so
-$(JPEG_REGION): data/jpeg_region.c data/resample.c data/affine.c $(VENV)/.installed
+$(JPEG_REGION): data/jpeg_region.c data/resample.c data/affine.c data/lookup.c $(VENV)/.installed
 	$(PY) -m data.jpeg_region --quiet-failure
 
 test: $(VENV)/.installed $(JPEG_REGION)

@@ -37,6 +37,7 @@ import random
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader, default_collate  # noqa: E402
+from torch.utils.data._utils import worker as worker_state  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
@@ -99,6 +101,18 @@ def timed_run(batches: Iterable, samples: int) -> Dict[str, float]:
     workers = sum(t - workers_start.get(pid, 0.0) for pid, t in children_cpu_seconds().items())
     del iterator
     return {'images_per_sec': seen / wall, 'worker_ms': 1000 * workers / seen, 'main_ms': 1000 * main / seen}
+
+
+@contextmanager
+def as_in_a_loader_worker():
+    """torch.utils.data.get_worker_info() as a loader worker sees it, so that default_collate and
+    data/normalize.py build batches in shared memory as they do there (torch's private global, bench only)."""
+    saved = worker_state._worker_info
+    worker_state._worker_info = worker_state.WorkerInfo(id=0, num_workers=1, seed=0, dataset=None)
+    try:
+        yield
+    finally:
+        worker_state._worker_info = saved
 
 
 def pillow_decode(loader):
@@ -205,15 +219,17 @@ def component_costs(config, folder: str, count: int, repeats: int) -> Dict[str, 
         return resized_box(decoded, crop.size, native=False)
 
     def batches(outputs_of: Callable) -> None:
-        # stack + share_memory_: what a worker does to hand a batch to the main process
-        for start in range(0, len(augmented), batch):
-            outputs_of(augmented[start:start + batch])
+        # stack + share_memory_, as in a loader worker: what it does to hand a batch to the main process (a
+        # batch stacked into shared memory is not copied again)
+        with as_in_a_loader_worker():
+            for start in range(0, len(augmented), batch):
+                outputs_of(augmented[start:start + batch])
 
     def float_per_image(images):
-        torch.stack([float_tail(image) for image in images]).share_memory_()
+        default_collate([float_tail(image) for image in images]).share_memory_()  # torchvision's loader
 
     def uint8_finished_in_worker(images):
-        finish(*stack_images([deferred(image) for image in images])).share_memory_()
+        finish(*stack_images([deferred(image) for image in images], shared=False)).share_memory_()
 
     def uint8_sent(images):
         stack_images([deferred(image) for image in images])[0].share_memory_()

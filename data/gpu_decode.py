@@ -115,8 +115,10 @@ class FlipAndErasingDraws:
         return replace(image, flip=flip), self.tail.record_erasing(3, *self.size)
 
 
-def stack_encoded(outputs: Sequence[Tuple[EncodedImage, List[Patch]]]) -> Tuple[EncodedBatch, List[SampleErasing]]:
-    """The workers' batch: the EncodedImages and the erasing of each sample that has any."""
+def stack_encoded(outputs: Sequence[Tuple[EncodedImage, List[Patch]]],
+                  shared: bool = True) -> Tuple[EncodedBatch, List[SampleErasing]]:
+    """The workers' batch: the EncodedImages and the erasing of each sample that has any (bytes: `shared`, as
+    stack_images takes it, changes nothing)."""
     return (EncodedBatch([image for image, _ in outputs]),
             [(index, patches) for index, (_, patches) in enumerate(outputs) if patches])
 

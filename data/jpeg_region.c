@@ -9,7 +9,7 @@
  * libjpeg warning such as corrupt or truncated data) returns REGION_FALLBACK, and the caller decodes the
  * whole file with Pillow, whose bad-data behaviour then applies unchanged.
  *
- * Built with resample.c and affine.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2
+ * Built with resample.c, affine.c and lookup.c by `python -m data.jpeg_region` (the Makefile does it): cc -O2
  * -shared -fPIC, linked against the libjpeg-turbo in Pillow's wheel (else -ljpeg). Bump HELPER_ABI_VERSION
  * (resample.c) whenever its interface changes. */
 #include <setjmp.h>

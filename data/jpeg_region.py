@@ -1,7 +1,7 @@
 """The images' pixel work in C, with Pillow's pixels: only the training crop's rectangle of a JPEG decoded
 (data/jpeg_region.c, libjpeg-turbo's partial decode), resized by Pillow's resize algorithm with SIMD
 (data/resample.c; the evaluation Resize -> CenterCrop too), and RandAugment's rotate / shear / translate by
-Pillow's affine algorithm (data/affine.c).
+Pillow's affine algorithm (data/affine.c), and a CPU batch's normalisation as one table lookup (data/lookup.c).
 
 Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
 outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them; its resize
@@ -30,10 +30,10 @@ from PIL import Image
 from .decode import ends_in_end_of_image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIXEL_SOURCES = [os.path.join(HERE, name) for name in ('resample.c', 'affine.c')]  # need no libjpeg
+PIXEL_SOURCES = [os.path.join(HERE, name) for name in ('resample.c', 'affine.c', 'lookup.c')]  # need no libjpeg
 JPEG_SOURCE = os.path.join(HERE, 'jpeg_region.c')
 LIBRARY = os.path.join(HERE, '_jpeg_region.so')
-ABI_VERSION = 4  # HELPER_ABI_VERSION in resample.c
+ABI_VERSION = 5  # HELPER_ABI_VERSION in resample.c
 OK, FALLBACK, BAD_ARGUMENT = 0, 1, 2
 READ_SLACK = 8  # bytes resample.c and affine.c may read past an image's last pixel
 C_FILTERS = (Image.BILINEAR, Image.BICUBIC)  # the Pillow filters the C code reproduces
@@ -47,7 +47,7 @@ def pillow_libjpeg() -> Optional[str]:
 
 def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[str, ...] = (),
           jpeg: bool = True) -> str:
-    """Compile resample.c, affine.c and (`jpeg`) jpeg_region.c into `output`; raises RuntimeError with the
+    """Compile resample.c, affine.c, lookup.c and (`jpeg`) jpeg_region.c into `output`; raises RuntimeError with the
     compiler's message on failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops) become
     -D flags. Without `jpeg` the library needs no libjpeg: crops are then decoded by Pillow, resized in C.
 
@@ -86,6 +86,8 @@ _SIGNATURES = {  # C function -> argument types; all return an int status
                            + [ctypes.c_char_p]),
     'unicl_affine_rgb': ([ctypes.c_char_p] + [ctypes.c_int] * 2 + [ctypes.POINTER(ctypes.c_double)]
                          + [ctypes.c_int] * 3 + [ctypes.c_char_p] * 2),
+    'unicl_lookup_planes': [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                            ctypes.c_void_p],
 }
 
 
@@ -176,6 +178,18 @@ def resize(raw: RawRGB, size: Tuple[int, int], resample: int, box: Tuple[float, 
                                   height, out) != OK:
         return None
     return Image.frombuffer('RGB', (width, height), out, 'raw', 'RGB', 0, 1)
+
+
+def lookup_planes(source: int, destination: int, planes: int, plane_size: int, channels: int, table: int) -> bool:
+    """destination[i] = table[c][source[i]] over `planes` planes of `plane_size` uint8 values at address
+    `source`, float32 out at `destination`, plane p through row c = p % channels of the float32 [channels,
+    256] `table` (data/lookup.c); False where the helper is missing (the caller computes it otherwise)."""
+    library = _library().library
+    if library is None:
+        return False
+    if library.unicl_lookup_planes(source, destination, planes, plane_size, channels, table) != OK:
+        raise ValueError(f'lookup_planes: bad shape ({planes} planes of {plane_size}, {channels} channels)')
+    return True
 
 
 def _rgb_fill(fillcolor) -> Optional[bytes]:

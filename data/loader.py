@@ -58,10 +58,10 @@ class LoaderSetup:
                  text_prefix: TextPrefix = TextPrefix(),
                  decode: Callable[[Record], Any] = decode_image, finish: Optional[Callable] = None,
                  finish_in_workers: bool = False, stack: Callable = stack_images):
-        # decode: record -> the image `transform` starts from; stack: the transform's outputs -> (batch,
-        # erasing); finish: (batch, erasing, device) -> the normalised batch (data/transforms.TrainPipeline),
-        # run by the training process right after the copy to the device or, with finish_in_workers, by the
-        # workers on the CPU.
+        # decode: record -> the image `transform` starts from; stack: (the transform's outputs, shared=
+        # whether the batch leaves the worker as it is) -> (batch, erasing); finish: (batch, erasing,
+        # device) -> the normalised batch (data/transforms.TrainPipeline), run by the training process right
+        # after the copy to the device or, with finish_in_workers, by the workers on the CPU.
         self.sources, self.decode, self.transform, self.tokenizer = sources, decode, transform, tokenizer
         self.finish, self.finish_in_workers, self.stack = finish, finish_in_workers, stack
         self.context_length, self.templates, self.text_prefix = context_length, templates, text_prefix
@@ -127,8 +127,10 @@ class BatchStream(IterableDataset):
                     labels.append(label)
                     where.append(origin)
         tokens = tokenize(setup.tokenizer, texts, setup.context_length)
-        pixels, erasing = setup.stack(images)  # float, uint8 + erased patches (data/normalize.py) or encoded
-        if setup.finish is not None and setup.finish_in_workers:
+        finished_here = setup.finish is not None and setup.finish_in_workers
+        # float, uint8 + erased patches (data/normalize.py) or encoded
+        pixels, erasing = setup.stack(images, shared=not finished_here)
+        if finished_here:
             pixels, erasing = setup.finish(pixels, erasing), []
         info['erasing'] = erasing
         return pixels, tokens, torch.tensor(labels, dtype=torch.int64), info

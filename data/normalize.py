@@ -9,7 +9,9 @@ worker as before). `ImageFinisher`, applied right after the (pinned, non-blockin
 does ToTensor's /255 and Normalize's (x - mean) / std with the same float32 operations in the same order
 and pastes the patches in order: the batch is bit for bit the one the float path builds (on a GPU equal
 to float32 rounding: CUDA divides by a scalar through its reciprocal). For a CPU device the workers apply
-ImageFinisher to their whole batch themselves (data/build.py): cheaper than image by image, nothing to copy.
+ImageFinisher to their whole batch themselves (data/build.py): cheaper than image by image, nothing to copy;
+there it is one lookup per pixel in a table of those operations' results for the 256 values (data/lookup.c,
+with the helper of data/jpeg_region.py), written straight into shared memory as default_collate does.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ import torchvision.transforms.functional as F
 from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor
+from torch.utils.data import get_worker_info
 from torchvision import transforms
+
+from . import jpeg_region
 
 # One erased patch: (rows, columns) slices of the image and the float values RandomErasing wrote there.
 Patch = Tuple[slice, slice, torch.Tensor]
@@ -82,13 +87,33 @@ def split_tail(steps: Sequence) -> Optional[Tuple[List, DeferredTail, 'ImageFini
 TransformOutput = Union[torch.Tensor, Tuple[torch.Tensor, List[Patch]]]
 
 
-def stack_images(outputs: Sequence[TransformOutput]) -> Tuple[torch.Tensor, List[SampleErasing]]:
+def stack_images(outputs: Sequence[TransformOutput], shared: bool = True) -> Tuple[torch.Tensor, List[SampleErasing]]:
     """A batch from the per-sample outputs of the training transform: float tensors as they are, or the
-    uint8 tensors of DeferredTail with the erasing of each sample that has any."""
+    uint8 tensors of DeferredTail with the erasing of each sample that has any. `shared`: the batch goes to
+    the training process as it is, so a loader worker builds it in shared memory (batch_tensor)."""
     if outputs and isinstance(outputs[0], torch.Tensor):
-        return torch.stack(list(outputs)), []
-    pixels = torch.stack([p for p, _ in outputs])
+        return _stack(list(outputs), shared), []
+    pixels = _stack([p for p, _ in outputs], shared)
     return pixels, [(index, patches) for index, (_, patches) in enumerate(outputs) if patches]
+
+
+def batch_tensor(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
+    """An uninitialised CPU tensor for a batch; with `shared`, in a DataLoader worker it lives in shared memory
+    already, as default_collate allocates its batches, so handing it to the training process copies nothing
+    (shared memory costs more to allocate: only for what leaves the worker)."""
+    if not shared or get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for size in shape:
+        numel *= size
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device='cpu')
+    return torch.empty(0, dtype=dtype).new(storage).view(*shape)
+
+
+def _stack(tensors: List[torch.Tensor], shared: bool) -> torch.Tensor:
+    if not tensors:
+        return torch.stack(tensors)  # torch's own error
+    return torch.stack(tensors, out=batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype, shared))
 
 
 class ImageFinisher:
@@ -99,6 +124,7 @@ class ImageFinisher:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lookup: Optional[torch.Tensor] = None
 
     def _constants(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:
@@ -110,13 +136,41 @@ class ImageFinisher:
         if images.dtype != torch.uint8:  # the float path: already finished in the workers
             return images
         device = torch.device(device) if device is not None else images.device
-        mean, std = self._constants(device)
-        # to_tensor: .to(float32).div(255); Normalize: .sub(mean).div(std): the same ops, in place.
-        batch = images.to(device, non_blocking=True).to(torch.float32).div_(255).sub_(mean).div_(std)
+        if device.type == 'cpu' and images.device.type == 'cpu':
+            batch = self._on_cpu(images)
+        else:
+            batch = self._normalise(images.to(device, non_blocking=True), device)
         for index, patches in erasing:
             for rows, columns, values in patches:  # in RandomErasing's order: a later patch overwrites
                 batch[index, :, rows, columns] = values.to(device, non_blocking=True)
         return batch
+
+    def _normalise(self, images: torch.Tensor, device: torch.device,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """to_tensor's .to(float32).div(255), then Normalize's .sub(mean).div(std): the same ops, in place."""
+        mean, std = self._constants(device)
+        batch = images.to(torch.float32) if out is None else out.copy_(images)
+        return batch.div_(255).sub_(mean).div_(std)
+
+    def _on_cpu(self, images: torch.Tensor) -> torch.Tensor:
+        """The CPU batch, in shared memory in a loader worker (batch_tensor); with data/jpeg_region.py's helper
+        one table lookup per pixel, the table being these ops' own results for the 256 values."""
+        out = batch_tensor(images.shape, torch.float32)
+        images = images.contiguous()
+        channels = images.shape[1] if images.dim() == 4 else 0
+        if channels == self.mean.numel() and images.shape[2] * images.shape[3] > 0:
+            table = self._table()
+            if jpeg_region.lookup_planes(images.data_ptr(), out.data_ptr(), images.shape[0] * channels,
+                                         images.shape[2] * images.shape[3], channels, table.data_ptr()):
+                return out
+        return self._normalise(images, torch.device('cpu'), out)
+
+    def _table(self) -> torch.Tensor:
+        """float32 [C, 256]: _normalise of every uint8 value in every channel."""
+        if self._lookup is None:
+            values = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, self.mean.numel(), 16, 16)
+            self._lookup = self._normalise(values, torch.device('cpu')).reshape(-1, 256).contiguous()
+        return self._lookup
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})'

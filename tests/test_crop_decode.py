@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from configs import ConfigError
 from configs.validation import validate_config
-from data import build_train_loader
+from data import build_train_loader, jpeg_region
 from data.crop_decode import CropDecoder, dct_scale
 from data.decode import decode_image
 from data.normalize import ImageFinisher, split_tail, stack_images
@@ -153,10 +153,16 @@ def _official_tail(mode: str, count: int):
     return [MaybeToTensor(), normalize, RandomErasing(1.0, mode=mode, max_count=count, device='cpu')]
 
 
+@pytest.mark.parametrize('helper', [True, False], ids=['table-in-C', 'torch-ops'])
 @pytest.mark.parametrize('mode,count', [('pixel', 1), ('pixel', 3), ('rand', 2), ('const', 1)])
-def test_normalising_after_the_copy_is_bit_identical(mode: str, count: int):
+def test_normalising_after_the_copy_is_bit_identical(mode: str, count: int, helper: bool, monkeypatch):
     """uint8 + recorded erasing, finished in the training process, equals the float path bit for bit,
-    and the random generators end where the float path leaves them."""
+    and the random generators end where the float path leaves them; on the CPU by data/lookup.c's table
+    where the helper is built, else by torch's ops."""
+    if helper and not jpeg_region.available():
+        pytest.skip('the C helper is not built (python -m data.jpeg_region)')
+    if not helper:
+        monkeypatch.setattr(jpeg_region, 'lookup_planes', lambda *args: False)
     images = [_textured(48, 40, seed) for seed in range(6)]
     official = transforms.Compose(_official_tail(mode, count))
     head, tail, finish = split_tail(_official_tail(mode, count))
@@ -188,6 +194,49 @@ def test_normalising_on_cuda_matches_the_cpu(tiny_data, tokenizer):
     assert for_gpu.pin_memory and not for_gpu.setup.finish_in_workers
     for (images, *_), (expected, *_) in zip(epoch_batches(for_gpu, 0), reference):
         assert images.device.type == 'cuda' and torch.allclose(images.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_table_is_torchs_arithmetic_for_every_value():
+    """data/lookup.c's table lookup against torch's float ops on a batch holding every uint8 value in every
+    channel at many positions (vectorised and tail elements alike); bit for bit."""
+    if not jpeg_region.available():
+        pytest.skip('the C helper is not built (python -m data.jpeg_region)')
+    finish = ImageFinisher([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 61, 67), dtype=torch.uint8, generator=generator)
+    images[0, :, 0, :] = torch.arange(67, dtype=torch.uint8)
+    images[1].view(3, -1)[:, :256] = torch.arange(256, dtype=torch.uint8)
+    expected = images.to(torch.float32).div_(255).sub_(finish.mean).div_(finish.std)
+    by_table = finish(images, [], torch.device('cpu'))
+    assert torch.equal(by_table.view(torch.int32), expected.view(torch.int32))
+    strided = images.permute(0, 1, 3, 2)  # not contiguous: read in its logical order
+    assert torch.equal(finish(strided, [], torch.device('cpu')), expected.permute(0, 1, 3, 2))
+
+
+class _SharedBatches(torch.utils.data.Dataset):
+    """What a loader worker's batches are: (in shared memory, values) for a stacked and a finished batch."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        from data.normalize import batch_tensor
+        pixels, _ = stack_images([torch.full((3, 5, 4), k, dtype=torch.uint8) for k in range(3)])
+        finished = ImageFinisher([0.5] * 3, [0.25] * 3)(pixels, [], torch.device('cpu'))
+        return (pixels.is_shared(), finished.is_shared(), batch_tensor((2, 3), torch.float32).is_shared(),
+                pixels, finished)
+
+
+def test_worker_batches_are_built_in_shared_memory():
+    """In a loader worker the batches are allocated in shared memory, so handing them to the training process
+    copies nothing (as default_collate's); outside a worker they are ordinary tensors."""
+    *in_main, _, _ = _SharedBatches()[0]
+    assert in_main == [False, False, False]
+    loader = torch.utils.data.DataLoader(_SharedBatches(), batch_size=None, num_workers=1)
+    *in_worker, pixels, finished = next(iter(loader))
+    assert in_worker == [True, True, True]
+    assert pixels[:, 0, 0, 0].tolist() == [0, 1, 2]
+    assert torch.equal(finished, (pixels.float() / 255 - 0.5) / 0.25)
 
 
 def _batch(pipeline_decode, transform, finish, recs: List[Record], seed: int) -> torch.Tensor:
