@@ -6,9 +6,10 @@
  * operation in double precision: output pixel (x, y) samples the input at
  * (a0 (x + .5) + a1 (y + .5) + a2, a3 (x + .5) + a4 (y + .5) + a5); a sample outside the input keeps the fill
  * colour; inside, the 2 x 2 (bilinear) or 4 x 4 (bicubic, a = -0.5, Pillow's edge rules) neighbourhood is
- * interpolated along rows, then down the column, and truncated to 8 bits. The AVX2 path carries the three
- * channels of a pixel in the lanes of one vector and does the same double operations in the same order,
- * so it gives the same bytes (tests/test_jpeg_region.py compares both builds with Pillow). */
+ * interpolated along rows, then down the column, and truncated to 8 bits. The AVX2 path does the same double
+ * operations in the same order, so it gives the same bytes (tests/test_jpeg_region.py compares both builds
+ * with Pillow): bicubic four output pixels at a time, one per lane, where their neighbourhoods lie inside
+ * the image; elsewhere, and for bilinear, the three channels of one pixel in the lanes of a vector. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
