@@ -39,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .crop_decode import Box, CropDecoder
 from .decode import ends_in_end_of_image, load_rgb, open_image
-from .normalize import DeferredTail, ImageFinisher, Patch, SampleErasing, split_tail
+from .normalize import BatchErasing, DeferredTail, ImageFinisher, Patch, split_tail
 from .sources.base import BadSample, Record
 from .transforms import TrainPipeline, build_train_transform
 
@@ -116,11 +116,9 @@ class FlipAndErasingDraws:
 
 
 def stack_encoded(outputs: Sequence[Tuple[EncodedImage, List[Patch]]],
-                  shared: bool = True) -> Tuple[EncodedBatch, List[SampleErasing]]:
-    """The workers' batch: the EncodedImages and the erasing of each sample that has any (bytes: `shared`, as
-    stack_images takes it, changes nothing)."""
-    return (EncodedBatch([image for image, _ in outputs]),
-            [(index, patches) for index, (_, patches) in enumerate(outputs) if patches])
+                  shared: bool = True) -> Tuple[EncodedBatch, BatchErasing]:
+    """The workers' batch: the EncodedImages and their erased patches (`shared` as stack_images takes it)."""
+    return EncodedBatch([image for image, _ in outputs]), BatchErasing.of([patches for _, patches in outputs], shared)
 
 
 def decode_one(image: EncodedImage, device: torch.device) -> torch.Tensor:
@@ -160,7 +158,7 @@ class BatchDecoder:
             logger.warning(f'decode_jpeg on {device} failed for a batch ({exc}); decoding it image by image')
             return [decode_one(image, device) for image in images]
 
-    def __call__(self, batch: EncodedBatch, erasing: Sequence[SampleErasing],
+    def __call__(self, batch: EncodedBatch, erasing: BatchErasing,
                  device: Optional[torch.device] = None) -> torch.Tensor:
         device = torch.device(device) if device is not None else torch.device('cpu')
         pixels = torch.empty((len(batch), 3, *self.size), dtype=torch.uint8, device=device)

@@ -131,7 +131,7 @@ class BatchStream(IterableDataset):
         # float, uint8 + erased patches (data/normalize.py) or encoded
         pixels, erasing = setup.stack(images, shared=not finished_here)
         if finished_here:
-            pixels, erasing = setup.finish(pixels, erasing), []
+            pixels, erasing = setup.finish(pixels, erasing), None
         info['erasing'] = erasing
         return pixels, tokens, torch.tensor(labels, dtype=torch.int64), info
 

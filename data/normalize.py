@@ -15,7 +15,8 @@ with the helper of data/jpeg_region.py), written straight into shared memory as 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import math
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision.transforms.functional as F
@@ -29,8 +30,35 @@ from . import jpeg_region
 
 # One erased patch: (rows, columns) slices of the image and the float values RandomErasing wrote there.
 Patch = Tuple[slice, slice, torch.Tensor]
-# A sample's erasing, as the loader batches carry it: (index of the sample in its batch, its patches).
-SampleErasing = Tuple[int, List[Patch]]
+
+
+class BatchErasing(NamedTuple):
+    """A batch's erased patches as the loader carries them to the training process: all their values in one
+    tensor (one piece of shared memory, one copy to the device, rather than one per patch) and where each
+    goes, in RandomErasing's order (a later patch of a sample overwrites an earlier one)."""
+    values: torch.Tensor  # float32, every patch's values flattened and concatenated
+    places: List[Tuple[int, slice, slice, Tuple[int, ...]]]  # (sample index, rows, columns, values' shape)
+
+    @classmethod
+    def of(cls, patches: Sequence[List[Patch]], shared: bool = True) -> 'BatchErasing':
+        """The erasing of a batch from each sample's patches (DeferredTail's), in sample order; `shared`: as
+        stack_images takes it."""
+        pieces = [(index, patch) for index, sample in enumerate(patches) for patch in sample]
+        if not pieces:
+            return cls(torch.empty(0), [])
+        values = [values.reshape(-1) for _, (_, _, values) in pieces]
+        packed = torch.cat(values, out=batch_tensor((sum(v.numel() for v in values),), values[0].dtype, shared))
+        return cls(packed, [(index, rows, columns, tuple(values.shape))
+                            for index, (rows, columns, values) in pieces])
+
+    def patches(self, device: torch.device) -> Iterator[Tuple[int, slice, slice, torch.Tensor]]:
+        """(sample index, rows, columns, values on `device`) of each patch, in order."""
+        values = self.values.to(device, non_blocking=True)
+        offset = 0
+        for index, rows, columns, shape in self.places:
+            count = math.prod(shape)
+            yield index, rows, columns, values[offset:offset + count].view(shape)
+            offset += count
 
 
 class _PatchRecorder:
@@ -87,14 +115,14 @@ def split_tail(steps: Sequence) -> Optional[Tuple[List, DeferredTail, 'ImageFini
 TransformOutput = Union[torch.Tensor, Tuple[torch.Tensor, List[Patch]]]
 
 
-def stack_images(outputs: Sequence[TransformOutput], shared: bool = True) -> Tuple[torch.Tensor, List[SampleErasing]]:
+def stack_images(outputs: Sequence[TransformOutput], shared: bool = True) -> Tuple[torch.Tensor, BatchErasing]:
     """A batch from the per-sample outputs of the training transform: float tensors as they are, or the
-    uint8 tensors of DeferredTail with the erasing of each sample that has any. `shared`: the batch goes to
-    the training process as it is, so a loader worker builds it in shared memory (batch_tensor)."""
+    uint8 tensors of DeferredTail with their erased patches. `shared`: the batch goes to the training process
+    as it is, so a loader worker builds it in shared memory (batch_tensor)."""
     if outputs and isinstance(outputs[0], torch.Tensor):
-        return _stack(list(outputs), shared), []
+        return _stack(list(outputs), shared), BatchErasing.of([])
     pixels = _stack([p for p, _ in outputs], shared)
-    return pixels, [(index, patches) for index, (_, patches) in enumerate(outputs) if patches]
+    return pixels, BatchErasing.of([patches for _, patches in outputs], shared)
 
 
 def batch_tensor(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
@@ -131,7 +159,7 @@ class ImageFinisher:
             self._on[device] = self.mean.to(device), self.std.to(device)
         return self._on[device]
 
-    def __call__(self, images: torch.Tensor, erasing: Sequence[SampleErasing],
+    def __call__(self, images: torch.Tensor, erasing: BatchErasing,
                  device: Optional[torch.device] = None) -> torch.Tensor:
         if images.dtype != torch.uint8:  # the float path: already finished in the workers
             return images
@@ -140,9 +168,8 @@ class ImageFinisher:
             batch = self._on_cpu(images)
         else:
             batch = self._normalise(images.to(device, non_blocking=True), device)
-        for index, patches in erasing:
-            for rows, columns, values in patches:  # in RandomErasing's order: a later patch overwrites
-                batch[index, :, rows, columns] = values.to(device, non_blocking=True)
+        for index, rows, columns, values in erasing.patches(device):
+            batch[index, :, rows, columns] = values
         return batch
 
     def _normalise(self, images: torch.Tensor, device: torch.device,

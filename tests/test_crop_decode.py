@@ -20,7 +20,7 @@ from configs.validation import validate_config
 from data import build_train_loader, jpeg_region
 from data.crop_decode import CropDecoder, dct_scale
 from data.decode import decode_image
-from data.normalize import ImageFinisher, split_tail, stack_images
+from data.normalize import BatchErasing, ImageFinisher, split_tail, stack_images
 from data.order import seeded_global_rngs
 from data.sources.base import CORRUPT, BadSample, Record
 from data.transforms import build_train_pipeline, build_train_transform
@@ -173,7 +173,9 @@ def test_normalising_after_the_copy_is_bit_identical(mode: str, count: int, help
     with seeded_global_rngs(11):
         pixels, erasing = stack_images([tail(image) for image in images])
         assert random.getstate() == states[0] and torch.equal(torch.random.get_rng_state(), states[1])
-    assert pixels.dtype == torch.uint8 and len(erasing) == len(images)  # probability 1: every image erased
+    # probability 1: every image erased
+    assert pixels.dtype == torch.uint8 and {index for index, *_ in erasing.places} == set(range(len(images)))
+    assert len(erasing.places) >= len(images) and erasing.values.numel() > 0
     assert torch.equal(finish(pixels, erasing, torch.device('cpu')), reference)
 
 
@@ -207,10 +209,10 @@ def test_the_table_is_torchs_arithmetic_for_every_value():
     images[0, :, 0, :] = torch.arange(67, dtype=torch.uint8)
     images[1].view(3, -1)[:, :256] = torch.arange(256, dtype=torch.uint8)
     expected = images.to(torch.float32).div_(255).sub_(finish.mean).div_(finish.std)
-    by_table = finish(images, [], torch.device('cpu'))
+    by_table = finish(images, BatchErasing.of([]), torch.device('cpu'))
     assert torch.equal(by_table.view(torch.int32), expected.view(torch.int32))
     strided = images.permute(0, 1, 3, 2)  # not contiguous: read in its logical order
-    assert torch.equal(finish(strided, [], torch.device('cpu')), expected.permute(0, 1, 3, 2))
+    assert torch.equal(finish(strided, BatchErasing.of([]), torch.device('cpu')), expected.permute(0, 1, 3, 2))
 
 
 class _SharedBatches(torch.utils.data.Dataset):
@@ -220,23 +222,31 @@ class _SharedBatches(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index: int):
-        from data.normalize import batch_tensor
-        pixels, _ = stack_images([torch.full((3, 5, 4), k, dtype=torch.uint8) for k in range(3)])
-        finished = ImageFinisher([0.5] * 3, [0.25] * 3)(pixels, [], torch.device('cpu'))
-        return (pixels.is_shared(), finished.is_shared(), batch_tensor((2, 3), torch.float32).is_shared(),
-                pixels, finished)
+        patch = (slice(1, 3), slice(0, 2), torch.full((3, 2, 2), -7.0))
+        outputs = [(torch.full((3, 5, 4), k, dtype=torch.uint8), [patch] if k == 1 else []) for k in range(3)]
+        pixels, erasing = stack_images(outputs)
+        in_worker = stack_images(outputs, shared=False)[0]
+        finished = ImageFinisher([0.5] * 3, [0.25] * 3)(in_worker, erasing, torch.device('cpu'))
+        return ([pixels.is_shared(), erasing.values.is_shared(), finished.is_shared(), in_worker.is_shared()],
+                pixels, erasing, finished)
+
+
+def _unchanged(batch):
+    return batch  # as the training loader's collate_fn: the worker's objects arrive as they were built
 
 
 def test_worker_batches_are_built_in_shared_memory():
-    """In a loader worker the batches are allocated in shared memory, so handing them to the training process
-    copies nothing (as default_collate's); outside a worker they are ordinary tensors."""
-    *in_main, _, _ = _SharedBatches()[0]
-    assert in_main == [False, False, False]
-    loader = torch.utils.data.DataLoader(_SharedBatches(), batch_size=None, num_workers=1)
-    *in_worker, pixels, finished = next(iter(loader))
-    assert in_worker == [True, True, True]
-    assert pixels[:, 0, 0, 0].tolist() == [0, 1, 2]
-    assert torch.equal(finished, (pixels.float() / 255 - 0.5) / 0.25)
+    """In a loader worker what goes to the training process (the batch, the erased patches' values, a batch
+    finished there) is allocated in shared memory, so handing it over copies nothing (as default_collate's
+    batches); what stays in the worker, or anything outside a worker, is an ordinary tensor."""
+    assert _SharedBatches()[0][0] == [False, False, False, False]
+    loader = torch.utils.data.DataLoader(_SharedBatches(), batch_size=None, num_workers=1, collate_fn=_unchanged)
+    in_worker, pixels, erasing, finished = next(iter(loader))
+    assert in_worker == [True, True, True, False]
+    assert pixels[:, 0, 0, 0].tolist() == [0, 1, 2] and erasing.places == [(1, slice(1, 3), slice(0, 2), (3, 2, 2))]
+    expected = (pixels.float() / 255 - 0.5) / 0.25
+    expected[1, :, 1:3, 0:2] = -7.0
+    assert torch.equal(finished, expected)
 
 
 def _batch(pipeline_decode, transform, finish, recs: List[Record], seed: int) -> torch.Tensor:
