@@ -1,11 +1,11 @@
 """The images' pixel work in C, with Pillow's pixels: only the training crop's rectangle of a JPEG decoded
 (data/jpeg_region.c, libjpeg-turbo's partial decode), resized by Pillow's resize algorithm with SIMD
-(data/resample.c; the evaluation Resize -> CenterCrop too), and RandAugment's rotate / shear / translate by
+(data/resample.c; the evaluation Resize -> CenterCrop too), RandAugment's rotate / shear / translate by
 Pillow's affine algorithm (data/affine.c), and a CPU batch's normalisation as one table lookup (data/lookup.c).
 
 Pillow decodes whole images; the C helper skips the IDCT, upsampling and colour conversion of everything
 outside the crop box and hands back the box's pixels exactly as Pillow's full decode has them; its resize
-and affine transform give Pillow's bit for bit, about 3x and 2x faster (tests/test_jpeg_region.py). It is an
+and affine transform give Pillow's bit for bit, about 3x faster (tests/test_jpeg_region.py). It is an
 optional accelerator: built by `make` (or `python -m data.jpeg_region`) with the C compiler, and
 libjpeg-turbo's headers for the decode, where they exist; without it, or for an input it declines, Pillow
 does the work as before. `describe()` says which is in use (logged when training starts).

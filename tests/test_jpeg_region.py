@@ -168,6 +168,23 @@ def test_the_resize_leaves_what_it_does_not_do_to_pillow(helper):
     assert jpeg_region.resize(jpeg_region.RawRGB.of(tall), (2, 500), Image.BICUBIC, (0, 0, 3, 400)) is not None
 
 
+@pytest.mark.parametrize('build', ['built', 'built_portable'])
+def test_the_lookup_gives_each_planes_table_entry(build, request, use_library):
+    """data/lookup.c, AVX2 gathers and the portable loop: out[b, c, ...] = table[c][in[b, c, ...]] for every
+    value, including planes whose length is not a multiple of the vector width."""
+    use_library(request.getfixturevalue(build))
+    generator = torch.Generator().manual_seed(1)
+    for channels, height, width in ((3, 17, 23), (1, 4, 64), (2, 1, 5)):
+        planes = torch.randint(0, 256, (3, channels, height, width), dtype=torch.uint8, generator=generator)
+        planes[0].view(-1)[:min(256, planes[0].numel())] = torch.arange(min(256, planes[0].numel()), dtype=torch.uint8)
+        table = torch.randn(channels, 256, generator=generator)
+        out = torch.full(planes.shape, float('nan'))
+        assert jpeg_region.lookup_planes(planes.data_ptr(), out.data_ptr(), 3 * channels, height * width, channels,
+                                         table.data_ptr())
+        expected = torch.stack([table[c][planes[:, c].long()] for c in range(channels)], dim=1)
+        assert torch.equal(out, expected), (channels, height, width)
+
+
 def _affine_cases(seed: int):
     """(image, output size, AFFINE data, Pillow filter, fill colour): rotations (the matrices Pillow's rotate
     makes), shears and translations as RandAugment draws them, and arbitrary matrices that also sample
