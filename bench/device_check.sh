@@ -15,7 +15,7 @@
 #   train_compile  bench/train_step.py --compile --quick --device cuda: each config eager and with   ~120 s
 #                  TRAIN.COMPILE (inductor), bf16: first step (the compilation) and steady images/s;
 #                  stopped after COMPILE_LIMIT seconds, so a slow compilation cannot take the run's time
-#   jpeg_region  python -m data.jpeg_region: builds the C helper (crop-region JPEG decode, resize, affine)  ~2 s
+#   jpeg_region  python -m data.jpeg_region: builds the C helper (crop-region JPEG decode, resize, affine, lookup)  ~2 s
 #   gpu_decode   bench/data_loading.py --jpeg --decode-device cpu cuda: loader images/s at 4 and 8 workers with
 #                DATA.DECODE_DEVICE cpu vs cuda (nvJPEG batches, data/gpu_decode.py), to set against train_step
 # All steps come to about 10-11 minutes by these estimates, past one device call's 600 s: run them as two

@@ -253,7 +253,7 @@ def main(argv=None) -> None:
         print(f'data.jpeg_region: the JPEG region decoder cannot be built, JPEGs will be decoded by Pillow: {exc}',
               file=sys.stderr)
     try:
-        print(f'built {build(args.output, jpeg=False)} (resize and affine ops only)')
+        print(f'built {build(args.output, jpeg=False)} (resize, affine ops and normalisation only)')
     except RuntimeError as exc:
         print(f'data.jpeg_region: not built, Pillow will decode and resize: {exc}', file=sys.stderr)
         sys.exit(0 if args.quiet_failure else 1)
