@@ -20,9 +20,9 @@ by data/jpeg_region.py's helper, at a reduced scale where the box allows, RandAu
 the workers normalise whole batches); the same with Pillow decoding whole images and resizing; ours as on
 a GPU (the workers send uint8, normalised after the copy, here by the main process on the CPU: on a GPU
 that part leaves the CPU). The helper must be built (`python -m data.jpeg_region`), else "ours" decodes
-with Pillow too; the results say which. Evaluation cases: torchvision `ImageFolder` with the official validation transform (Resize 256 bicubic, CenterCrop 224) and ours
-(evaluation/data.py's ImageList in a sharded loader, the same transform with its resize and crop computed
-by the C helper: the same pixels).
+with Pillow too; the results say which. Evaluation cases: torchvision `ImageFolder` with the official
+validation transform (Resize 256 bicubic, CenterCrop 224) and ours (evaluation/data.py's ImageList in a
+sharded loader, the same transform with its resize and crop computed by the C helper: the same pixels).
 
 `--decode-device cpu cuda` times instead the training loader with DATA.DECODE_DEVICE cpu (workers decode,
 uint8 normalised on the GPU) and cuda (workers send the files' bytes, the GPU decodes: data/gpu_decode.py),

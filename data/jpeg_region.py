@@ -47,12 +47,12 @@ def pillow_libjpeg() -> Optional[str]:
 
 def build(output: str = LIBRARY, compiler: Optional[str] = None, defines: Tuple[str, ...] = (),
           jpeg: bool = True) -> str:
-    """Compile resample.c, affine.c, lookup.c and (`jpeg`) jpeg_region.c into `output`; raises RuntimeError with the
-    compiler's message on failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops) become
-    -D flags. Without `jpeg` the library needs no libjpeg: crops are then decoded by Pillow, resized in C.
+    """Compile resample.c, affine.c, lookup.c and (`jpeg`) jpeg_region.c into `output`; raises RuntimeError
+    with the compiler's message on failure. `defines` (e.g. UNICL_NO_AVX2, for the tests of the portable loops)
+    become -D flags. Without `jpeg` the library needs no libjpeg: crops are then decoded by Pillow, resized in C.
 
-    With `jpeg` it links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it must
-    reproduce, and a name no other library in the process has. A plain `-ljpeg` (soname libjpeg.so.62) would
+    With `jpeg` it links Pillow's own libjpeg-turbo where Pillow's wheel bundles one: the decoder whose pixels it
+    must reproduce, and a name no other library in the process has. A plain `-ljpeg` (soname libjpeg.so.62) would
     be satisfied by whichever libjpeg.so.62 the process loaded first: torchvision 0.19 bundles an older one
     without jpeg_skip_scanlines."""
     compiler = compiler or os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
@@ -112,7 +112,8 @@ def _library() -> Helper:
     decodes_jpeg = hasattr(library, 'unicl_jpeg_region')
     decoded = ("only the crop's rectangle decoded, by libjpeg-turbo" if decodes_jpeg else
                'decoded whole by Pillow (the helper was built without libjpeg-turbo\'s headers)')
-    return Helper(library, decodes_jpeg, f"{decoded}; the crop's resize and RandAugment's affine ops in C ({path})")
+    return Helper(library, decodes_jpeg, f"{decoded}; the crop's resize and RandAugment's affine ops in C, and a "
+                                         f"CPU batch's normalisation ({path})")
 
 
 def available() -> bool:

@@ -131,10 +131,7 @@ def batch_tensor(shape: Sequence[int], dtype: torch.dtype, shared: bool = True) 
     (shared memory costs more to allocate: only for what leaves the worker)."""
     if not shared or get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for size in shape:
-        numel *= size
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device='cpu')
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device='cpu')
     return torch.empty(0, dtype=dtype).new(storage).view(*shape)
 
 
@@ -184,11 +181,10 @@ class ImageFinisher:
         one table lookup per pixel, the table being these ops' own results for the 256 values."""
         out = batch_tensor(images.shape, torch.float32)
         images = images.contiguous()
-        channels = images.shape[1] if images.dim() == 4 else 0
-        if channels == self.mean.numel() and images.shape[2] * images.shape[3] > 0:
-            table = self._table()
-            if jpeg_region.lookup_planes(images.data_ptr(), out.data_ptr(), images.shape[0] * channels,
-                                         images.shape[2] * images.shape[3], channels, table.data_ptr()):
+        if images.dim() == 4 and images.shape[1] == self.mean.numel():
+            batch, channels, height, width = images.shape
+            if jpeg_region.lookup_planes(images.data_ptr(), out.data_ptr(), batch * channels, height * width,
+                                         channels, self._table().data_ptr()):
                 return out
         return self._normalise(images, torch.device('cpu'), out)
 

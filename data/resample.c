@@ -19,8 +19,8 @@
 #include <immintrin.h>
 #endif
 
-/* The interface of the helper library (this file, affine.c, lookup.c and jpeg_region.c): data/jpeg_region.py refuses a
- * library of another version. Bump it whenever a C function's signature or meaning changes. */
+/* The interface of the helper library (this file, affine.c, lookup.c and jpeg_region.c): data/jpeg_region.py
+ * refuses a library of another version. Bump it whenever a C function's signature or meaning changes. */
 #define HELPER_ABI_VERSION 5
 int unicl_helper_abi(void) { return HELPER_ABI_VERSION; }
 
